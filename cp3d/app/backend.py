@@ -1,0 +1,92 @@
+"""The app's only door into cp3d.core, imported lazily.
+
+Lazy because cp3d.core.pipeline/models pull in torch (seconds to import), which must not
+delay the window. Tests replace single methods (e.g. ``segment``) with fakes.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+
+class Backend:
+    """Thin wrapper over cp3d.core with a model cache; every method may run in a worker thread."""
+
+    def __init__(self) -> None:
+        self._model_cache: dict[tuple[str, bool], Any] = {}
+        self._lock = threading.Lock()
+
+    # ---- io ----------------------------------------------------------------------------
+    def read_volume(self, path, z_axis=None, channel_axis=None):
+        from cp3d.core.io import read_volume
+
+        return read_volume(path, z_axis=z_axis, channel_axis=channel_axis)
+
+    def ambiguous_axes_error(self) -> type[BaseException]:
+        """The exception class read_volume raises when it needs the user to name the axes."""
+        try:
+            from cp3d.core.io import AmbiguousAxesError
+
+            return AmbiguousAxesError
+        except ImportError:  # older core: nothing is ambiguous
+            class _Never(Exception):
+                pass
+
+            return _Never
+
+    def save_results(self, volume, result, savedir=None) -> list[Path]:
+        from cp3d.core.io import save_results
+
+        return list(save_results(volume, result, savedir=savedir, save_tif=True, save_npy=True))
+
+    def seg_npy_path(self, image_path) -> Path:
+        from cp3d.core.io import seg_npy_path
+
+        return Path(seg_npy_path(image_path))
+
+    def load_seg_npy(self, path) -> dict:
+        from cp3d.core.io import load_seg_npy
+
+        return load_seg_npy(path)
+
+    # ---- models ------------------------------------------------------------------------
+    def list_models(self) -> list:
+        from cp3d.core.models import list_models
+
+        return list(list_models())
+
+    def load_model(self, name_or_path: str | None, use_gpu: bool = False):
+        """Load once per (model, device) and reuse: loading costs more than a small run."""
+        key = (str(name_or_path), bool(use_gpu))
+        with self._lock:
+            if key not in self._model_cache:
+                from cp3d.core import models
+
+                device = None
+                if hasattr(models, "pick_device"):
+                    device = models.pick_device(use_gpu)
+                try:
+                    model = models.load_model(name_or_path, device=device)
+                except TypeError:
+                    model = models.load_model(name_or_path)
+                self._model_cache.clear()  # keep one model in memory
+                self._model_cache[key] = model
+            return self._model_cache[key]
+
+    # ---- segmentation ------------------------------------------------------------------
+    def segment(self, volume, model, **params):
+        from cp3d.core.pipeline import segment
+
+        return segment(volume, model, **params)
+
+    def cancelled_error(self) -> type[BaseException]:
+        from cp3d.core.errors import Cancelled
+
+        return Cancelled
+
+    def user_error(self) -> type[BaseException]:
+        from cp3d.core.errors import Cp3dError
+
+        return Cp3dError
