@@ -246,3 +246,37 @@ def test_list_images_skips_outputs_and_filters(tmp_path):
 def test_volume_from_array_defaults():
     vol = volume_from_array(_zcyx()[:, 0])
     assert isinstance(vol, Volume) and vol.data.shape == (6, 1, 20, 24) and vol.path is None
+
+
+def _describe(v):
+    if isinstance(v, np.ndarray):
+        return {"type": "ndarray", "dtype": str(v.dtype), "shape": list(v.shape)}
+    if isinstance(v, list):
+        return {"type": "list", "items": [_describe(x) for x in v]}
+    return {"type": type(v).__name__}
+
+
+@pytest.mark.parametrize("ndim", ["3d", "2d"])
+def test_seg_npy_matches_cellpose_layout_and_values(tmp_path, ndim):
+    """Reference written by Cellpose 3.1.1.2's masks_flows_to_seg on the same arrays
+    (tests/fixtures/cellpose_seg_format.json and cellpose_seg3d_ref.npz)."""
+    import json
+
+    fixtures = Path(__file__).parent / "fixtures"
+    layout = json.loads((fixtures / "cellpose_seg_format.json").read_text())[ndim]
+    ref = np.load(fixtures / "cellpose_seg3d_ref.npz")
+    masks = np.zeros((4, 16, 16), np.uint16)
+    masks[:, 2:8, 2:8] = 1
+    masks[:, 9:14, 9:14] = 2
+    dP, cellprob = ref["dP"], ref["cellprob"]
+    if ndim == "2d":
+        masks, dP, cellprob = masks[0], dP[1:, 0], cellprob[0]
+    path = save_seg_npy(tmp_path / "img_seg.npy", masks, dP, cellprob, "img.tif", 17.0)
+    dat = load_seg_npy(path)
+    ours = {k: _describe(dat[k]) for k in layout}
+    assert ours == layout
+    if ndim == "3d":
+        np.testing.assert_array_equal(dat["flows"][0], ref["rgb"])
+        np.testing.assert_array_equal(dat["flows"][1], ref["cp"])
+        np.testing.assert_array_equal(dat["flows"][2], ref["dz"])
+        np.testing.assert_array_equal(dat["outlines"], ref["outlines"])

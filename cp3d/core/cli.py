@@ -19,6 +19,8 @@ log = logging.getLogger("cp3d")
 
 SUBCOMMANDS = {
     "models": "list the bundled and user models",
+    "train": "train or fine-tune a model on image/mask pairs",
+    "eval": "average precision of a model on volumes with ground-truth masks",
 }
 
 
@@ -108,6 +110,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "models":
         return _models_main(argv[1:])
+    if argv and argv[0] == "eval":
+        return _eval_main(argv[1:])
+    if argv and argv[0] == "train":
+        from .train_cli import train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
@@ -201,6 +209,41 @@ def _segment_main(args) -> int:
         for _, message in failures:
             print(f"  {message}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _eval_main(argv: Sequence[str]) -> int:
+    from .evaluate import THRESHOLDS, evaluate, find_pairs, format_table
+    from .models import load_model, pick_device
+
+    p = argparse.ArgumentParser(prog="cp3d-cli eval", description=SUBCOMMANDS["eval"])
+    p.add_argument("--dir", type=Path, required=True,
+                   help="folder of NAME.tif images with NAME_masks.tif ground truth")
+    p.add_argument("--mask_filter", default="_masks", help="suffix of the ground-truth files")
+    p.add_argument("--img_filter", default="")
+    p.add_argument("--look_one_level_down", action="store_true")
+    p.add_argument("--pretrained_model", default=None)
+    p.add_argument("--diameter", type=float, default=0.0)
+    p.add_argument("--anisotropy", type=float, default=None)
+    p.add_argument("--flow3D_smooth", type=_smooth, default=0.0)
+    p.add_argument("--min_size", type=int, default=15)
+    p.add_argument("--cellprob_threshold", type=float, default=0.0)
+    p.add_argument("--chan", type=int, default=0)
+    p.add_argument("--chan2", type=int, default=0)
+    p.add_argument("--use_gpu", action="store_true")
+    args = p.parse_args(argv)
+    _setup_logging(False)
+    try:
+        pairs = find_pairs(args.dir, args.mask_filter, args.img_filter, args.look_one_level_down)
+        model = load_model(args.pretrained_model, device=pick_device(args.use_gpu))
+        scores = evaluate(pairs, model, diameter=args.diameter or None,
+                          anisotropy=args.anisotropy, flow3D_smooth=args.flow3D_smooth,
+                          min_size=args.min_size, cellprob_threshold=args.cellprob_threshold,
+                          chan=args.chan, chan2=args.chan2)
+    except Cp3dError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_table(scores, THRESHOLDS))
     return 0
 
 

@@ -1,0 +1,83 @@
+"""Average precision of a model on volumes with ground truth, through the full pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+THRESHOLDS = (0.5, 0.75, 0.9)
+
+
+@dataclass
+class Score:
+    name: str
+    ap: tuple[float, ...]
+    n_true: int
+    n_pred: int
+    seconds: float
+
+
+def score_masks(gt: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = THRESHOLDS):
+    """AP = TP / (TP + FP + FN) at each IoU threshold (Cellpose's definition)."""
+    from .metrics import average_precision
+
+    ap, *_ = average_precision(gt, pred, thresholds=tuple(thresholds))
+    return tuple(float(a) for a in np.atleast_1d(ap))
+
+
+def find_pairs(folder: Path, mask_filter: str = "_masks", img_filter: str = "",
+               look_one_level_down: bool = False) -> list[tuple[Path, Path]]:
+    """(image, ground-truth masks) pairs: NAME.tif with NAME{mask_filter}.tif beside it."""
+    from .io import TIFF_SUFFIXES, list_images
+
+    pairs = []
+    for img in list_images(folder, look_one_level_down, img_filter):
+        if img.stem.endswith(mask_filter):
+            continue
+        stem = img.stem[: -len(img_filter)] if img_filter and img.stem.endswith(img_filter) else img.stem
+        for suffix in TIFF_SUFFIXES:
+            gt = img.with_name(stem + mask_filter + suffix)
+            if gt.exists():
+                pairs.append((img, gt))
+                break
+    if not pairs:
+        raise InputError(f"no image with a ground-truth file NAME{mask_filter}.tif", folder)
+    return pairs
+
+
+def evaluate(pairs: Iterable[tuple[Path, Path]], model, thresholds=THRESHOLDS, **params) -> list[Score]:
+    """Segment each image and score it against its ground truth."""
+    from .io import read_volume
+    from .pipeline import segment
+
+    z_axis = params.pop("z_axis", None)
+    channel_axis = params.pop("channel_axis", None)
+    scores = []
+    for img_path, gt_path in pairs:
+        vol = read_volume(img_path, z_axis=z_axis, channel_axis=channel_axis)
+        gt = read_volume(gt_path).data[:, 0]
+        if gt.shape != vol.shape_zyx:
+            raise InputError(f"ground truth shape {gt.shape} differs from the image's "
+                             f"{vol.shape_zyx}", gt_path)
+        result = segment(vol, model, **params)
+        scores.append(Score(img_path.name, score_masks(gt, result.masks, thresholds),
+                            int(len(np.unique(gt)) - 1), result.n_masks,
+                            result.seconds.get("total", 0.0)))
+    return scores
+
+
+def format_table(scores: Sequence[Score], thresholds=THRESHOLDS) -> str:
+    head = f"{'volume':32s} " + " ".join(f"AP@{t:<4}" for t in thresholds) + "   GT  pred  seconds"
+    lines = [head, "-" * len(head)]
+    for s in scores:
+        lines.append(f"{s.name[:32]:32s} " + " ".join(f"{a:7.3f}" for a in s.ap)
+                     + f" {s.n_true:5d} {s.n_pred:5d} {s.seconds:8.1f}")
+    if len(scores) > 1:
+        mean = np.mean([s.ap for s in scores], axis=0)
+        lines.append(f"{'mean':32s} " + " ".join(f"{a:7.3f}" for a in mean))
+    return "\n".join(lines)

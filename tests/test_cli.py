@@ -1,0 +1,94 @@
+"""cp3d-cli as a user runs it: a folder with a bad file, outputs read back, every flag in --help."""
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from cp3d.core import cli
+from cp3d.core.io import load_seg_npy
+
+FLAGS = ["--image_path", "--dir", "--look_one_level_down", "--img_filter", "--z_axis",
+         "--channel_axis", "--chan", "--chan2", "--do_3D", "--stitch_threshold", "--anisotropy",
+         "--diameter", "--flow3D_smooth", "--min_size", "--cellprob_threshold", "--niter",
+         "--pretrained_model", "--use_gpu", "--batch_size", "--savedir", "--save_tif",
+         "--no_npy", "--verbose", "--invert", "--all_channels", "--sharpen_radius", "--tile_norm"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from cp3d.core.models import save_model
+    from cp3d.core.net import CPnet
+
+    torch.manual_seed(0)
+    net = CPnet([2, 8, 16, 32], 3, 3)
+    path = tmp_path_factory.mktemp("models") / "tiny.pth"
+    save_model(net, path)
+    return path
+
+
+def _stack(path, seed=0, shape=(8, 40, 40)):
+    rng = np.random.default_rng(seed)
+    tifffile.imwrite(path, rng.integers(0, 1000, shape).astype(np.uint16),
+                     photometric="minisblack")
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in FLAGS:
+        assert flag in text, flag
+
+
+def test_batch_goes_past_a_bad_file_and_reports_it(tmp_path, tiny_model, capsys):
+    _stack(tmp_path / "good.tif")
+    (tmp_path / "broken.tif").write_bytes(b"this is not a tiff")
+    code = cli.main(["--dir", str(tmp_path), "--pretrained_model", str(tiny_model),
+                     "--diameter", "30"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "broken.tif" in err and "not a readable TIFF" in err
+    assert "segmented 1 of 2" in err
+    masks = tifffile.imread(tmp_path / "good_cp_masks.tif")
+    assert masks.shape == (8, 40, 40)
+    dat = load_seg_npy(tmp_path / "good_seg.npy")
+    np.testing.assert_array_equal(dat["masks"], masks)
+    assert not (tmp_path / "broken_cp_masks.tif").exists()
+
+
+def test_savedir_and_no_npy(tmp_path, tiny_model):
+    _stack(tmp_path / "a.tif")
+    out = tmp_path / "results"
+    code = cli.main(["--image_path", str(tmp_path / "a.tif"), "--pretrained_model",
+                     str(tiny_model), "--savedir", str(out), "--no_npy"])
+    assert code == 0
+    assert (out / "a_cp_masks.tif").exists() and not (out / "a_seg.npy").exists()
+
+
+def test_missing_model_is_named(tmp_path, capsys):
+    _stack(tmp_path / "a.tif")
+    code = cli.main(["--image_path", str(tmp_path / "a.tif"), "--pretrained_model",
+                     str(tmp_path / "nope.pth")])
+    assert code == 1
+    assert "nope.pth" in capsys.readouterr().err
+
+
+def test_savedir_that_is_a_file_is_refused(tmp_path, tiny_model, capsys):
+    _stack(tmp_path / "a.tif")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = cli.main(["--image_path", str(tmp_path / "a.tif"), "--pretrained_model",
+                     str(tiny_model), "--savedir", str(blocker)])
+    assert code == 1
+    assert "file" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--image_path", "x.tif", "--flow3D_smooth", "1,2"])
+    assert info.value.code == 2
