@@ -41,10 +41,13 @@ def spheres(shape=(40, 64, 64), radius=6.0, n=12, seed=0, z_step=1):
     subsampled every ``z_step`` planes (an anisotropic acquisition)."""
     rng = np.random.default_rng(seed)
     centres = []
-    while len(centres) < n:
+    for _ in range(100_000):
+        if len(centres) == n:
+            break
         c = rng.uniform([radius + 2] * 3, np.array(shape) - radius - 2)
         if all(np.linalg.norm(c - o) > 2.6 * radius for o in centres):
             centres.append(c)
+    assert len(centres) == n, "volume too small for that many spheres"
     zz, yy, xx = np.indices(shape, dtype=np.float32)
     img = np.zeros(shape, np.float32)
     labels = np.zeros(shape, np.uint16)
@@ -93,7 +96,7 @@ def test_rescale_by_diameter_keeps_masks():
 
 
 def test_axis_orders_give_identical_masks():
-    img, _ = spheres(shape=(24, 48, 48), n=6)
+    img, _ = spheres(shape=(28, 48, 48), radius=5.0, n=4)
     model = model_for(img)
     ref = segment(volume_from_array(img), model).masks
     yxz = np.transpose(img, (1, 2, 0))
@@ -110,7 +113,7 @@ def test_stitch_mode_links_planes():
 
 
 def test_progress_reports_every_stage_and_cancel_stops():
-    img, _ = spheres(shape=(24, 48, 48), n=6)
+    img, _ = spheres(shape=(28, 48, 48), radius=5.0, n=4)
     model = model_for(img)
     stages = []
     segment(volume_from_array(img), model, progress=lambda s, f: stages.append(s))
@@ -127,6 +130,6 @@ def test_progress_reports_every_stage_and_cancel_stops():
 
 
 def test_2d_given_to_3d_is_refused():
-    img, _ = spheres(shape=(24, 48, 48), n=3)
+    img, _ = spheres(shape=(28, 48, 48), radius=5.0, n=3)
     with pytest.raises(InputError, match="2D image"):
         segment(volume_from_array(img[12]), model_for(img))

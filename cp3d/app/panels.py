@@ -15,7 +15,6 @@ from PySide6.QtWidgets import (
     QSlider,
     QSpinBox,
     QVBoxLayout,
-    QWidget,
 )
 
 LOAD_PTH = "Load .pth file..."
@@ -35,7 +34,8 @@ SEG_DEFAULTS = {
     "min_size": (15, "min_size: masks with fewer voxels are removed (-1 keeps all)."),
     "cellprob_threshold": (0.0, "cellprob_threshold: voxels with cell probability (logit) "
                            "above this are cell. Lower it (e.g. -2) to get more/larger cells."),
-    "niter": (200, "niter: number of gradient-dynamics iterations. More helps long cells."),
+    "niter": (0, "niter: number of gradient-dynamics iterations. 0 = auto (200, more when "
+              "cells are larger than the model's training size). More helps long cells."),
     "chan": (0, "chan: channel to segment. 0 = grayscale (first channel), 1..N = that channel."),
     "chan2": (0, "chan2: optional nuclear channel. 0 = none, 1..N = that channel."),
     "batch_size": (8, "batch_size: tiles per network batch. Lower it if memory runs out."),
@@ -70,7 +70,8 @@ class SegmentationPanel(QGroupBox):
         self.flow3D_smooth = QDoubleSpinBox(decimals=1, minimum=0.0, maximum=20.0, singleStep=0.5)
         self.min_size = QSpinBox(minimum=-1, maximum=10_000_000)
         self.cellprob_threshold = QDoubleSpinBox(decimals=1, minimum=-8.0, maximum=8.0, singleStep=0.5)
-        self.niter = QSpinBox(minimum=1, maximum=10_000)
+        self.niter = QSpinBox(minimum=0, maximum=10_000)
+        self.niter.setSpecialValueText("auto")
         self.chan = QSpinBox(minimum=0, maximum=16)
         self.chan2 = QSpinBox(minimum=0, maximum=16)
         self.batch_size = QSpinBox(minimum=1, maximum=256)
@@ -122,8 +123,17 @@ class SegmentationPanel(QGroupBox):
         self._mode_changed()
 
     def _mode_changed(self, *_):
-        self.stitch_threshold.setEnabled(self.mode.currentIndex() == 1)
-        self.flow3D_smooth.setEnabled(self.mode.currentIndex() == 0)
+        is_2d = getattr(self, "_is_2d", False)
+        self.mode.setEnabled(not is_2d)
+        self.anisotropy.setEnabled(not is_2d)
+        self.stitch_threshold.setEnabled(self.mode.currentIndex() == 1 and not is_2d)
+        self.flow3D_smooth.setEnabled(self.mode.currentIndex() == 0 and not is_2d)
+
+    def set_2d(self, is_2d: bool) -> None:
+        """A single plane is segmented in 2D whatever the mode: grey out the 3D settings."""
+        self._is_2d = is_2d
+        self.mode.setToolTip("A 2D image is segmented in 2D" if is_2d else SEG_DEFAULTS["do_3D"][1])
+        self._mode_changed()
 
     # ---- models ------------------------------------------------------------------------
     def set_models(self, infos: list, current: str | None = None) -> None:
@@ -139,6 +149,7 @@ class SegmentationPanel(QGroupBox):
         self.model.addItem(LOAD_PTH, LOAD_PTH)
         i = self.model.findData(keep) if keep else -1
         self.model.setCurrentIndex(max(i, 0))
+        self._previous_model = self.model.currentData()
 
     def add_model_path(self, path: str) -> None:
         i = self.model.findData(path)
@@ -150,6 +161,7 @@ class SegmentationPanel(QGroupBox):
             self.model.setItemData(at, path, Qt.ToolTipRole)
             i = at
         self.model.setCurrentIndex(i)
+        self._previous_model = path
 
     def model_name(self) -> str | None:
         data = self.model.currentData()
@@ -158,6 +170,14 @@ class SegmentationPanel(QGroupBox):
     def _model_activated(self, index: int) -> None:
         if self.model.itemData(index) == LOAD_PTH:
             self.load_model_requested.emit()
+        else:
+            self._previous_model = self.model.itemData(index)
+
+    def restore_previous_model(self) -> None:
+        """After a cancelled "Load .pth" dialog: back to the model picked before."""
+        prev = getattr(self, "_previous_model", None)
+        i = self.model.findData(prev) if prev is not None else 0
+        self.model.setCurrentIndex(max(i, 0))
 
     # ---- values ------------------------------------------------------------------------
     def params(self, is_2d: bool = False) -> dict:
@@ -171,7 +191,7 @@ class SegmentationPanel(QGroupBox):
             flow3D_smooth=self.flow3D_smooth.value(),
             min_size=self.min_size.value(),
             cellprob_threshold=self.cellprob_threshold.value(),
-            niter=self.niter.value(),
+            niter=self.niter.value() or None,
             chan=self.chan.value(),
             chan2=self.chan2.value(),
             batch_size=self.batch_size.value(),
@@ -184,6 +204,7 @@ class SegmentationPanel(QGroupBox):
         p["do_3D"] = self.mode.currentIndex() == 0
         p["stitch_threshold"] = self.stitch_threshold.value()
         p["diameter"] = self.diameter.value()
+        p["niter"] = self.niter.value()
         for k, v in p.items():
             if k != "anisotropy":  # comes from each file
                 settings.setValue(k, v)
@@ -336,4 +357,5 @@ class DisplayPanel(QGroupBox):
 
     def _update_label(self) -> None:
         a, b = self.contrast()
-        self.contrast_label.setText(f"{a:.4g} – {b:.4g}")
+        fmt = (lambda v: f"{v:,.0f}") if max(abs(a), abs(b)) >= 1000 else (lambda v: f"{v:.4g}")
+        self.contrast_label.setText(f"{fmt(a)} – {fmt(b)}")

@@ -88,6 +88,7 @@ class AppState:
         self.selection: list[int] = []
         self.undo = UndoStack()
         self.dirty = False  # masks differ from what is on disk
+        self.masks_change = "replace"  # last "masks" event: "replace" (new masks) or "edit"
         self.channel = 0
         self.contrast = (0.0, 1.0)
         self.opacity = 0.45
@@ -158,6 +159,7 @@ class AppState:
                 masks = masks.astype(np.uint32)
             masks = np.ascontiguousarray(masks)
         self.masks = masks
+        self.masks_change = "replace"
         self.events.emit("masks")
 
     # ---- cursor, selection, display -----------------------------------------------------
@@ -216,6 +218,7 @@ class AppState:
         flat[index] = new
         self.undo.push(LabelEdit(description, index, old, new))
         self.dirty = True
+        self.masks_change = "edit"
         self.events.emit("masks")
         return True
 
@@ -250,6 +253,7 @@ class AppState:
         self.masks.reshape(-1)[edit.index] = edit.old
         self.undo.undone.append(edit)
         self.dirty = True
+        self.masks_change = "edit"
         self.events.emit("masks")
         return edit.description
 
@@ -260,6 +264,7 @@ class AppState:
         self.masks.reshape(-1)[edit.index] = edit.new
         self.undo.done.append(edit)
         self.dirty = True
+        self.masks_change = "edit"
         self.events.emit("masks")
         return edit.description
 

@@ -8,19 +8,54 @@ import numpy as np
 
 from .render import HIGHLIGHT, downsample_for_3d, label_colors
 
-LABEL_ALPHA = 230
+LABEL_ALPHA = 235
+SHADE_MAX_VOXELS = 6_000_000  # above this, skip the (CPU) shading to keep edits snappy
+LIGHT = np.array([0.75, -0.45, 0.5])  # (z, y, x) direction of a fixed lamp, in voxel axes
 
 
-def label_rgba(masks: np.ndarray, selected=()) -> np.ndarray:
+def label_shading(masks: np.ndarray, anisotropy: float = 1.0) -> np.ndarray | None:
+    """Brightness per voxel (float32, 0.35..1) from a fixed light on the smoothed surface of
+    the masks, darker where two cells touch: the flat label colours then read as 3D shapes.
+    Baked into the colours because vispy's lit 'iso' mode would remap label colours."""
+    if masks.size > SHADE_MAX_VOXELS or masks.ndim != 3 or min(masks.shape) < 2:
+        return None
+    from scipy import ndimage
+
+    fg = (masks != 0).astype(np.float32)
+    sigma = (max(0.6, 1.2 / max(anisotropy, 1e-3)), 1.2, 1.2)
+    smooth = ndimage.gaussian_filter(fg, sigma)
+    gz, gy, gx = np.gradient(smooth)
+    gz = gz / max(anisotropy, 1e-3)
+    norm = np.sqrt(gz * gz + gy * gy + gx * gx) + 1e-6
+    light = LIGHT / np.linalg.norm(LIGHT)
+    # outward normal is -gradient of the foreground
+    lambert = -(gz * light[0] + gy * light[1] + gx * light[2]) / norm
+    shade = 0.55 + 0.45 * np.clip(lambert, -1, 1)
+    # where the normal is ill-defined (deep inside), keep full colour
+    shade = np.where(norm > 0.02, shade, 0.85).astype(np.float32)
+    touch = np.zeros(masks.shape, dtype=bool)
+    for ax in range(3):
+        a = np.swapaxes(masks, 0, ax)
+        t = np.swapaxes(touch, 0, ax)
+        diff = (a[1:] != a[:-1]) & (a[1:] != 0) & (a[:-1] != 0)
+        t[1:] |= diff
+        t[:-1] |= diff
+    shade[touch] *= 0.6
+    return np.clip(shade, 0.3, 1.0)
+
+
+def label_rgba(masks: np.ndarray, selected=(), shading: np.ndarray | None = None) -> np.ndarray:
     """(Z, Y, X, 4) uint8 colours of the labels, same palette as the 2D views; selected
     labels white, background fully transparent."""
     rgba = np.zeros(masks.shape + (4,), dtype=np.uint8)
-    rgba[..., :3] = label_colors(masks)
-    rgba[..., 3] = np.where(masks != 0, LABEL_ALPHA, 0).astype(np.uint8)
+    rgb = label_colors(masks)
     if len(selected):
         sel = np.isin(masks, np.asarray(selected, dtype=masks.dtype))
-        rgba[sel, :3] = HIGHLIGHT
-        rgba[sel, 3] = 255
+        rgb[sel] = HIGHLIGHT
+    if shading is not None:
+        rgb = (rgb * shading[..., None]).astype(np.uint8)
+    rgba[..., :3] = rgb
+    rgba[..., 3] = np.where(masks != 0, LABEL_ALPHA, 0).astype(np.uint8)
     return rgba
 
 
@@ -28,6 +63,12 @@ class View3D:
     """Owns a vispy SceneCanvas; ``widget`` is the Qt widget to put in a layout."""
 
     def __init__(self, parent=None):
+        import vispy
+
+        try:
+            vispy.use(app="pyside6")
+        except RuntimeError:  # a backend was already chosen (e.g. by a test); use it
+            pass
         from vispy import scene
 
         self.canvas = scene.SceneCanvas(keys=None, show=False, bgcolor="#18181c", parent=parent)
@@ -44,8 +85,9 @@ class View3D:
         self.show_image = True
         self.show_masks = True
         self._masks_small = None
+        self._shading = None
         self.title = scene.Text("3D", color="white", bold=True, font_size=9, anchor_x="left",
-                                anchor_y="top", parent=self.canvas.scene, pos=(8, 6))
+                                anchor_y="center", parent=self.canvas.scene, pos=(10, 14))
 
     # ---- data ------------------------------------------------------------------------
     def set_image(self, data: np.ndarray | None, clim: tuple[float, float], anisotropy: float = 1.0) -> None:
@@ -86,7 +128,9 @@ class View3D:
             self.image_visual.method = method
             self.canvas.update()
 
-    def set_masks(self, masks: np.ndarray | None, selected=()) -> None:
+    def set_masks(self, masks: np.ndarray | None, selected=(), reshade: bool = True) -> None:
+        """Upload the label volume. reshade=False (edits) keeps the cached surface shading,
+        which costs a Gaussian filter over the volume, so deletes and merges stay instant."""
         scene = self._scene
         if masks is None or self.shape is None:
             if self.label_visual is not None:
@@ -96,8 +140,11 @@ class View3D:
             self.canvas.update()
             return
         s = self.steps
-        self._masks_small = np.ascontiguousarray(masks[:: s[0], :: s[1], :: s[2]])
-        vals = label_rgba(self._masks_small, selected)
+        small = np.ascontiguousarray(masks[:: s[0], :: s[1], :: s[2]])
+        if reshade or self._shading is None or self._shading.shape != small.shape:
+            self._shading = label_shading(small, self.anisotropy * s[0] / s[1])
+        self._masks_small = small
+        vals = label_rgba(self._masks_small, selected, self._shading)
         clim = (0.0, 255.0)
         if self.label_visual is None:
             # RGBA volume, translucent + nearest: front-to-back compositing of nearly opaque
@@ -116,7 +163,8 @@ class View3D:
 
     def set_selection(self, selected=()) -> None:
         if self.label_visual is not None and self._masks_small is not None:
-            self.label_visual.set_data(label_rgba(self._masks_small, selected), clim=(0.0, 255.0))
+            self.label_visual.set_data(label_rgba(self._masks_small, selected, self._shading),
+                                       clim=(0.0, 255.0))
             self.canvas.update()
 
     def set_visible_layers(self, image: bool, masks: bool) -> None:
@@ -149,7 +197,7 @@ class View3D:
             z, y, x = self.shape
             extent = max(x, y, z * self.anisotropy)
             self.view.camera.center = (0, 0, 0)
-            self.view.camera.scale_factor = extent * 1.3
+            self.view.camera.scale_factor = extent * 1.15
             self.view.camera.distance = None
         self.canvas.update()
 

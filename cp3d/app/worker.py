@@ -6,15 +6,16 @@ import logging
 import time
 import traceback
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
 from cp3d.core.cancel import CancelToken
 
 log = logging.getLogger("cp3d.app")
 
 # Expected stages and their share of the run time, for one overall progress fraction.
-STAGES_3D = {"model": 0.03, "prediction YX": 0.24, "prediction ZY": 0.24, "prediction ZX": 0.24, "dynamics": 0.25}
-STAGES_2D = {"model": 0.05, "prediction": 0.6, "dynamics": 0.35}
+STAGES_3D = {"model": 0.03, "normalize": 0.02, "prediction YX": 0.22, "prediction ZX": 0.22,
+             "prediction ZY": 0.22, "dynamics": 0.27, "saving": 0.02}
+STAGES_2D = {"model": 0.05, "normalize": 0.03, "prediction": 0.5, "dynamics": 0.38, "saving": 0.04}
 
 
 def overall_fraction(stage: str, fraction: float, weights: dict[str, float]) -> float | None:
@@ -94,14 +95,81 @@ class SegmentWorker(QObject):
             self.done.emit()
 
 
-def start_worker(worker: SegmentWorker, parent=None) -> QThread:
-    """Move worker to a new thread, start it, and clean both up when it is done."""
+def start_worker(worker: QObject, parent=None) -> QThread:
+    """Move worker to a new thread and start it; the thread quits when the worker is done.
+
+    Python owns both objects (no deleteLater: that would delete them a second time). The
+    caller keeps references until ``thread.wait()`` has returned, then drops them.
+    """
     thread = QThread(parent)
     thread.setObjectName("cp3d-segment")
     worker.moveToThread(thread)
     thread.started.connect(worker.run)
-    worker.done.connect(thread.quit)
-    thread.finished.connect(worker.deleteLater)
-    thread.finished.connect(thread.deleteLater)
+    # Direct: quit() is thread-safe, and the GUI thread may be blocked in thread.wait().
+    worker.done.connect(thread.quit, Qt.DirectConnection)
     thread.start()
     return thread
+
+
+class FunctionWorker(QObject):
+    """Runs one function in a QThread; its result or exception comes back as a signal."""
+
+    result = Signal(object)
+    error = Signal(object)
+    done = Signal()
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    @Slot()
+    def run(self) -> None:
+        try:
+            self.result.emit(self.fn())
+        except Exception as e:  # delivered to the GUI thread, which decides what to show
+            log.debug("background task failed:\n%s", traceback.format_exc())
+            self.error.emit(e)
+        finally:
+            self.done.emit()
+
+
+class _Relay(QObject):
+    """Lives in the GUI thread, so signals from the worker thread reach these slots queued
+    (a bare Python callable as receiver could run in the worker thread)."""
+
+    def __init__(self, on_result, on_error, on_finished):
+        super().__init__()
+        self._cb = (on_result, on_error, on_finished)
+
+    @Slot(object)
+    def result(self, value) -> None:
+        self._cb[0](value)
+
+    @Slot(object)
+    def error(self, exc) -> None:
+        self._cb[1](exc)
+
+    @Slot()
+    def finished(self) -> None:
+        if self._cb[2] is not None:
+            self._cb[2]()
+
+
+class Task:
+    """Keeps the worker, its thread and the relay referenced until they finish."""
+
+    def __init__(self, worker: FunctionWorker, thread: QThread, relay: _Relay):
+        self.worker, self.thread, self.relay = worker, thread, relay
+
+
+def call_in_thread(fn, on_result, on_error, on_finished=None, parent=None) -> Task:
+    """Run fn() off the GUI thread (call this from the GUI thread); the callbacks run in
+    the GUI thread."""
+    worker = FunctionWorker(fn)
+    relay = _Relay(on_result, on_error, on_finished)
+    worker.result.connect(relay.result, Qt.QueuedConnection)
+    worker.error.connect(relay.error, Qt.QueuedConnection)
+    worker.done.connect(relay.finished, Qt.QueuedConnection)
+    thread = start_worker(worker, parent)
+    thread.setObjectName("cp3d-task")
+    return Task(worker, thread, relay)

@@ -1,0 +1,38 @@
+import numpy as np
+
+from cp3d.core.metrics import average_precision, matching_iou
+
+
+def test_iou_and_ap_on_a_hand_built_case():
+    gt = np.zeros((10, 10), int)
+    gt[0:4, 0:4] = 1  # 16 px
+    gt[6:10, 6:10] = 2  # 16 px
+    gt[0:2, 8:10] = 3  # 4 px, missed
+    pred = np.zeros((10, 10), int)
+    pred[0:4, 0:3] = 5  # 12 px inside object 1: IoU 0.75
+    pred[6:10, 6:10] = 9  # exact
+    pred[8:10, 0:2] = 4  # false positive
+    iou = matching_iou(gt, pred)
+    assert iou.shape == (3, 3)
+    assert np.isclose(iou.max(), 1.0) and np.isclose(np.sort(iou.max(axis=1))[1], 0.75)
+    ap, tp, fp, fn = average_precision(gt, pred, thresholds=(0.5, 0.8, 1.0))
+    assert list(tp) == [2, 1, 1] and list(fp) == [1, 2, 2] and list(fn) == [1, 2, 2]
+    assert np.allclose(ap, [2 / 4, 1 / 5, 1 / 5])
+
+
+def test_matching_is_one_to_one():
+    gt = np.zeros((4, 8), int)
+    gt[:, :8] = 1
+    pred = np.zeros((4, 8), int)
+    pred[:, :4] = 1
+    pred[:, 4:] = 2  # two halves: IoU 0.5 each, only one may match
+    ap, tp, fp, fn = average_precision(gt, pred, thresholds=(0.5,))
+    assert tp[0] == 1 and fp[0] == 1 and fn[0] == 0
+
+
+def test_empty_cases():
+    z = np.zeros((5, 5), int)
+    assert average_precision(z, z)[0][0] == 1.0
+    one = z.copy()
+    one[1:3, 1:3] = 1
+    assert average_precision(one, z)[0][0] == 0.0
