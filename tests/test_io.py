@@ -280,3 +280,12 @@ def test_seg_npy_matches_cellpose_layout_and_values(tmp_path, ndim):
         np.testing.assert_array_equal(dat["flows"][1], ref["cp"])
         np.testing.assert_array_equal(dat["flows"][2], ref["dz"])
         np.testing.assert_array_equal(dat["outlines"], ref["outlines"])
+
+
+def test_outputs_get_ordinary_file_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = imwrite(tmp_path / "m_cp_masks.tif", np.ones((2, 4, 4), np.uint16))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -359,8 +359,9 @@ def atomic_write(path: str | Path, write) -> Path:
     path = Path(path)
     folder = path.parent
     check_writable(folder)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-    os.close(fd)
+    # created like any new file (mode 0666 less the umask), not mkstemp's owner-only 0600
+    tmp = str(folder / f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         os.replace(tmp, path)
