@@ -44,12 +44,16 @@ def _trilinear(flow, c, z0, z1, y0, y1, x0, x1, w000, w001, w010, w011, w100, w1
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True)
-def _follow_3d(flow, zs, ys, xs, niter, still, still_steps):
-    """Euler integration of points (zs, ys, xs) in-place along ``flow`` (3, Z, Y, X)."""
+def _follow_3d(flow, scale, starts, niter, still, still_steps, ends):
+    """Euler integration along ``scale`` x ``flow`` (3, Z, Y, X) of the voxels whose flat
+    indices are ``starts``; writes the flat index of each end voxel (rounded) to ``ends``."""
     _, lz, ly, lx = flow.shape
     hz, hy, hx = lz - 1.0, ly - 1.0, lx - 1.0
-    for i in numba.prange(zs.shape[0]):
-        z, y, x = zs[i], ys[i], xs[i]
+    for i in numba.prange(starts.shape[0]):
+        idx = starts[i]
+        z = np.float32(idx // (ly * lx))
+        y = np.float32((idx // lx) % ly)
+        x = np.float32(idx % lx)
         az, ay, ax = z, y, x
         for t in range(niter):
             z0 = min(int(z), lz - 2) if lz > 1 else 0
@@ -70,14 +74,28 @@ def _follow_3d(flow, zs, ys, xs, niter, still, still_steps):
             sz = _trilinear(flow, 0, z0, z1, y0, y1, x0, x1, w000, w001, w010, w011, w100, w101, w110, w111)
             sy = _trilinear(flow, 1, z0, z1, y0, y1, x0, x1, w000, w001, w010, w011, w100, w101, w110, w111)
             sx = _trilinear(flow, 2, z0, z1, y0, y1, x0, x1, w000, w001, w010, w011, w100, w101, w110, w111)
-            z = _clamp(z + sz, hz)
-            y = _clamp(y + sy, hy)
-            x = _clamp(x + sx, hx)
+            z = _clamp(z + scale * sz, hz)
+            y = _clamp(y + scale * sy, hy)
+            x = _clamp(x + scale * sx, hx)
             if (t + 1) % still_steps == 0:
                 if abs(z - az) + abs(y - ay) + abs(x - ax) < still:
                     break
                 az, ay, ax = z, y, x
-        zs[i], ys[i], xs[i] = z, y, x
+        ends[i] = (int(z + 0.5) * ly + int(y + 0.5)) * lx + int(x + 0.5)
+
+
+@numba.njit(cache=True)
+def _histogram(ends, size):
+    h = np.zeros(size, np.int32)
+    for i in range(ends.shape[0]):
+        h[ends[i]] += 1
+    return h
+
+
+@numba.njit(parallel=True, cache=True)
+def _assign(starts, ends, M, labels):
+    for i in numba.prange(starts.shape[0]):
+        labels[starts[i]] = M[ends[i]]
 
 
 @numba.njit(cache=True)
@@ -170,13 +188,15 @@ def _grow(h_flat, seeds, shape, grow_min, steps, M):
             nf = nn
 
 
-def follow_flows(dP: np.ndarray, inds: np.ndarray, niter: int = 200) -> np.ndarray:
-    """End points (3, n) float32 of the voxels ``inds`` (3, n) after ``niter`` steps along
-    ``dP`` (3, Z, Y, X), already divided by 5."""
+def follow_flows(dP: np.ndarray, starts: np.ndarray, niter: int = 200,
+                 scale: float = 0.2) -> np.ndarray:
+    """Flat indices of the voxels where the voxels ``starts`` (flat indices) end after
+    ``niter`` Euler steps along ``scale`` x ``dP`` (3, Z, Y, X); Cellpose's scale is 1/5."""
     flow = np.ascontiguousarray(dP, dtype=np.float32)
-    zs, ys, xs = (np.ascontiguousarray(c, dtype=np.float32) for c in inds)
-    _follow_3d(flow, zs, ys, xs, int(niter), np.float32(STILL), STILL_STEPS)
-    return np.stack([zs, ys, xs])
+    ends = np.empty(starts.shape[0], np.int64)
+    _follow_3d(flow, np.float32(scale), starts.astype(np.int64, copy=False), int(niter),
+               np.float32(STILL), STILL_STEPS, ends)
+    return ends
 
 
 def _smooth(dP: np.ndarray, sigma) -> np.ndarray:
@@ -222,37 +242,30 @@ def masks_from_flows(
     report(progress, "dynamics", 0.0)
     if not is2d:
         dP = _smooth(dP, flow3D_smooth)
-    fg = cellprob > cellprob_threshold
-    inds = np.nonzero(fg)
-    del fg
-    if inds[0].size == 0:
+    starts = np.flatnonzero(cellprob > cellprob_threshold)
+    if starts.size == 0:
         return np.zeros(shape[1:] if is2d else shape, np.uint16)
-    flow = np.empty(dP.shape, np.float32)
-    np.multiply(dP, np.float32(1 / 5), out=flow, casting="unsafe")
     check_cancel(cancel)
-    ends = follow_flows(flow, inds, niter)
-    del flow
+    ends = follow_flows(dP, starts, niter)
     report(progress, "dynamics", 0.6)
     check_cancel(cancel)
 
-    end_flat = np.ravel_multi_index(tuple(np.rint(ends).astype(np.int64)), shape)
-    del ends
-    h = np.bincount(end_flat, minlength=int(np.prod(shape))).astype(np.int32)
-    occupied = np.flatnonzero(h)
-    seeds = _seeds(h, occupied, shape, 2, SEED_MIN)
+    size = int(np.prod(shape))
+    h = _histogram(ends, size)
+    seeds = _seeds(h, np.flatnonzero(h), shape, 2, SEED_MIN)
     seeds = seeds[np.argsort(-h[seeds], kind="stable")]
-    M = np.zeros(h.size, np.int32)
+    M = np.zeros(size, np.int32)
     _grow(h, seeds, shape, GROW_MIN, GROW_STEPS, M)
     del h
-    labels = np.zeros(h_size := int(np.prod(shape)), np.int32)
-    labels[np.ravel_multi_index(inds, shape)] = M[end_flat]
-    del M, end_flat
+    labels = np.zeros(size, np.int32)
+    _assign(starts, ends, M, labels)
+    del M, ends, starts
     labels = labels.reshape(shape)
     report(progress, "dynamics", 0.8)
 
     if max_size_fraction is not None and max_size_fraction < 1:
         counts = np.bincount(labels.ravel())
-        too_big = np.flatnonzero(counts > max_size_fraction * h_size)
+        too_big = np.flatnonzero(counts > max_size_fraction * size)
         too_big = too_big[too_big > 0]
         if too_big.size:
             labels[np.isin(labels, too_big)] = 0
