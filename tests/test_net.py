@@ -1,99 +1,150 @@
-"""CPnet is weight-compatible with Cellpose 3: the fixture was written by Cellpose 3.1.1.2's own
-CPnet (random weights, randomised batch-norm statistics) with its inputs and outputs."""
+"""CPnet is weight-compatible with Cellpose 3. The fixtures were written by Cellpose 3.1.1.2's own
+CPnet (random weights, randomised batch-norm statistics) with its inputs and outputs; see
+tests/fixtures/cpnet_fixture.json for the recipe."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cp3d.core.errors import ModelError
-from cp3d.core.models import load_model, load_state_dict, save_model
-from cp3d.core.net import CPnet
+from cp3d.core.net import CPnet, architecture_from_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
+META = json.loads((FIXTURES / "cpnet_fixture.json").read_text())
 
 
-def test_cellpose_state_dict_loads_with_identical_keys_and_outputs():
+def cellpose_net() -> CPnet:
     state = torch.load(FIXTURES / "cpnet_random_state.pth", weights_only=True)
-    net = CPnet([2, 8, 16, 32, 64], 3, 3)
+    net = CPnet(META["nbase"], 3, 3)
     assert set(net.state_dict()) == set(state)
     net.load_state_dict(state, strict=True)
-    net.eval()
+    return net.eval()
+
+
+def randomise_bn(net: CPnet, seed: int = 0) -> CPnet:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+    return net
+
+
+# (fold_bn, channels_last, grad): grad=True forces the plain module path
+MODES = {"modules": (False, False, True), "modules-channels-last": (False, True, False),
+         "folded": (True, False, False), "folded-channels-last": (True, True, False)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_outputs_match_cellpose(mode):
+    net = cellpose_net()
+    net.fold_bn, net.channels_last, grad = MODES[mode]
     ref = np.load(FIXTURES / "cpnet_parity.npz")
+    ctx = torch.enable_grad() if grad else torch.inference_mode()
+    with ctx:
+        y, style = net(torch.from_numpy(ref["x"]))
+    assert y.shape == ref["y"].shape == (2, 3, 64, 48)
+    assert y.is_contiguous()
+    assert np.abs(y.detach().numpy() - ref["y"]).max() < 1e-4
+    assert np.abs(style.detach().numpy() - ref["style"]).max() < 1e-4
+
+
+def test_training_mode_matches_cellpose_batch_statistics():
+    """In train mode BN uses batch statistics and updates running stats (momentum 0.05)."""
+    net = cellpose_net().train()
+    ref = np.load(FIXTURES / "cpnet_parity.npz")
+    ref_t = np.load(FIXTURES / "cpnet_parity_train.npz")
     with torch.no_grad():
         y, style = net(torch.from_numpy(ref["x"]))
-    assert np.abs(y.numpy() - ref["y"]).max() < 1e-4
-    assert np.abs(style.numpy() - ref["style"]).max() < 1e-4
+    assert np.abs(y.numpy() - ref_t["y"]).max() < 1e-4
+    assert np.abs(style.numpy() - ref_t["style"]).max() < 1e-4
+    bn = net.downsample.down.res_down_0.conv.conv_0[0]
+    assert np.allclose(bn.running_mean.numpy(), ref_t["running_mean_res_down_0_conv_0"], atol=1e-6)
+    assert np.allclose(bn.running_var.numpy(), ref_t["running_var_res_down_0_conv_0"], atol=1e-6)
 
 
-def test_load_model_reads_architecture_and_diameters_from_file():
-    model = load_model(FIXTURES / "cpnet_random_state.pth")
-    assert model.net.nbase == [2, 8, 16, 32, 64]
-    assert model.diam_mean == pytest.approx(17.0) and model.diam_labels == pytest.approx(21.5)
-    ref = np.load(FIXTURES / "cpnet_parity.npz")
-    out, _ = model.predict(ref["x"])
-    assert np.abs(out - ref["y"]).max() < 1e-4
+def test_full_size_network_has_cellpose_keys_and_shapes():
+    ref = json.loads((FIXTURES / "cpnet_full_keys.json").read_text())["shapes"]
+    net = CPnet([2, 32, 64, 128, 256], 3, 3)
+    shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
+    assert shapes == ref
+    assert architecture_from_state_dict(net.state_dict()) == {
+        "nbase": [2, 32, 64, 128, 256], "nout": 3, "sz": 3}
+    assert net.divisor == 8
+    with torch.inference_mode():
+        y, style = net.eval()(torch.zeros(1, 2, 32, 48))
+    assert y.shape == (1, 3, 32, 48) and style.shape == (1, 256)
 
 
-def test_default_size_network_shapes():
-    net = CPnet([2, 32, 64, 128, 256], 3, 3).eval()
+def test_folded_path_equals_modules_on_full_size_net():
+    torch.manual_seed(1)
+    net = randomise_bn(CPnet([2, 32, 64, 128, 256], 3, 3)).eval()
+    x = torch.randn(2, 2, 32, 40)
     with torch.no_grad():
-        y, style = net(torch.zeros(1, 2, 64, 64))
-    assert y.shape == (1, 3, 64, 64) and style.shape == (1, 256)
-    assert sum(p.numel() for p in net.parameters()) > 4_000_000
+        net.fold_bn, net.channels_last = False, False
+        ref, ref_style = net(x)
+        net.fold_bn, net.channels_last = True, True
+        y, style = net(x)
+    scale = max(1.0, float(ref.abs().max()))
+    assert float((y - ref).abs().max()) < 1e-4 * scale
+    assert float((style - ref_style).abs().max()) < 1e-5
+    assert torch.allclose(style.norm(dim=1), torch.ones(2))
 
 
-@pytest.mark.parametrize("half", [False, True])
-def test_save_load_round_trip(tmp_path, half):
-    torch.manual_seed(0)
-    net = CPnet([2, 8, 16, 32], 3, 3, diam_mean=30.0).eval()
-    path = save_model(net, tmp_path / "m.pth", metadata={"epochs": 3}, half=half)
-    back = load_model(path)
-    x = np.random.default_rng(0).normal(size=(1, 2, 32, 32)).astype(np.float32)
+def test_folded_weights_follow_weight_changes():
+    """The folded copy is rebuilt after an in-place update, a load or a move."""
+    torch.manual_seed(2)
+    net = randomise_bn(CPnet([2, 8, 16], 3, 3)).eval()
+    x = torch.randn(1, 2, 16, 16)
     with torch.no_grad():
-        ref = net(torch.from_numpy(x))[0].numpy()
-    out, _ = back.predict(x)
-    assert np.abs(out - ref).max() < (2e-2 if half else 1e-6)
-    assert (tmp_path / "m.pth.json").exists()
-    assert set(torch.load(path, weights_only=True)) == set(net.state_dict())
+        before = net(x)[0].clone()
+        net.upsample.up.res_up_0.conv.conv_3.conv[2].weight.mul_(2.0)  # optimizer-style step
+        net.downsample.down.res_down_0.conv.conv_1[0].running_var.add_(1.0)
+        after = net(x)[0]
+        net.fold_bn = False
+        plain = net(x)[0]
+    assert float((after - before).abs().max()) > 1e-3
+    assert float((after - plain).abs().max()) < 1e-5
+    other = randomise_bn(CPnet([2, 8, 16], 3, 3), seed=5).eval()
+    net.fold_bn = True
+    net.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert float((net(x)[0] - other(x)[0]).abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("content, expect", [
-    (b"", "not a readable model file"),
-    (b"not a torch file at all", "not a readable model file"),
-])
-def test_corrupt_model_files_are_named(tmp_path, content, expect):
-    path = tmp_path / "bad.pth"
-    path.write_bytes(content)
-    with pytest.raises(ModelError) as info:
-        load_model(path)
-    assert "bad.pth" in str(info.value) and expect in str(info.value)
+def test_gradients_flow_in_eval_mode_with_grad_enabled():
+    net = CPnet([2, 8, 16], 3, 3).eval()
+    x = torch.randn(1, 2, 16, 16, requires_grad=True)
+    y, _ = net(x)
+    y.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    assert net.output[2].weight.grad is not None
 
 
-def test_truncated_and_foreign_state_dicts(tmp_path):
-    good = (FIXTURES / "cpnet_random_state.pth").read_bytes()
-    cut = tmp_path / "cut.pth"
-    cut.write_bytes(good[: len(good) // 2])
-    with pytest.raises(ModelError, match="cut.pth"):
-        load_model(cut)
-    foreign = tmp_path / "resnet.pth"
-    torch.save({"fc.weight": torch.zeros(3, 3)}, foreign)
-    with pytest.raises(ModelError, match="not a Cellpose/cp3d network"):
-        load_model(foreign)
+def test_average_pooling_variant():
+    torch.manual_seed(3)
+    net = CPnet([2, 8, 16], 3, 3, max_pool=False).eval()
+    x = torch.randn(1, 2, 16, 16)
+    with torch.no_grad():
+        folded = net(x)[0]
+        net.fold_bn = False
+        plain = net(x)[0]
+        net.downsample.maxpool = torch.nn.MaxPool2d(2, 2)
+        maxpooled = net(x)[0]
+    assert float((folded - plain).abs().max()) < 1e-5
+    assert float((maxpooled - plain).abs().max()) > 1e-4
 
 
-def test_missing_model_lists_what_exists(tmp_path, monkeypatch):
-    monkeypatch.setenv("CP3D_USER_MODELS", str(tmp_path))
-    save_model(CPnet([2, 8, 16], 3, 3), tmp_path / "mine.pth")
-    assert load_model("mine").name == "mine"
-    with pytest.raises(ModelError, match="mine"):
-        load_model("does_not_exist")
-    with pytest.raises(ModelError, match="nope.pth"):
-        load_model(tmp_path / "nope.pth")
-
-
-def test_checkpoint_dict_with_state_dict_loads(tmp_path):
-    net = CPnet([2, 8, 16], 3, 3)
-    torch.save({"state_dict": net.state_dict(), "epoch": 4}, tmp_path / "ck.pth")
-    assert set(load_state_dict(tmp_path / "ck.pth")) == set(net.state_dict())
+def test_folded_copy_built_in_inference_mode_serves_no_grad_calls():
+    net = CPnet([2, 8, 16], 3, 3).eval()
+    x = torch.randn(1, 2, 16, 16)
+    with torch.inference_mode():
+        a = net(x)[0]
+    with torch.no_grad():
+        b = net(x)[0]
+    assert torch.equal(a, b)
