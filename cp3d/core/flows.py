@@ -19,7 +19,9 @@ import numpy as np
 from scipy import ndimage
 
 
-@numba.njit(parallel=True, cache=True)
+# fusion off: fused, the two loops below would read neighbours already overwritten in the same
+# step (a race that made flows differ from run to run by up to 1e-3)
+@numba.njit(parallel={"fusion": False}, cache=True)
 def _diffuse(T, pix, nbr, centres, niter):
     """Jacobi steps of masked neighbourhood averaging with sources at ``centres``.
 
