@@ -73,7 +73,7 @@ def model_for(img):
 
 def test_2p5d_pipeline_recovers_spheres():
     img, gt = spheres()
-    result = segment(volume_from_array(img), model_for(img), min_size=15)
+    result = segment(volume_from_array(img), model_for(img), diameter=30.0, min_size=15)
     ap, *_ = average_precision(gt, result.masks, thresholds=(0.5, 0.75))
     assert result.masks.shape == gt.shape
     assert ap[0] >= 0.99 and ap[1] >= 0.9, ap
@@ -82,7 +82,8 @@ def test_2p5d_pipeline_recovers_spheres():
 
 def test_anisotropic_volume_with_anisotropy_parameter():
     img, gt = spheres(shape=(48, 64, 64), z_step=2)
-    result = segment(volume_from_array(img), model_for(img), anisotropy=2.0, min_size=10)
+    result = segment(volume_from_array(img), model_for(img), diameter=30.0, anisotropy=2.0,
+                     min_size=10)
     ap, *_ = average_precision(gt, result.masks, thresholds=(0.5,))
     assert ap[0] >= 0.95, ap
 
@@ -98,15 +99,15 @@ def test_rescale_by_diameter_keeps_masks():
 def test_axis_orders_give_identical_masks():
     img, _ = spheres(shape=(28, 48, 48), radius=5.0, n=4)
     model = model_for(img)
-    ref = segment(volume_from_array(img), model).masks
+    ref = segment(volume_from_array(img), model, diameter=30.0).masks
     yxz = np.transpose(img, (1, 2, 0))
-    again = segment(volume_from_array(yxz, z_axis=2), model).masks
+    again = segment(volume_from_array(yxz, z_axis=2), model, diameter=30.0).masks
     np.testing.assert_array_equal(ref, again)
 
 
 def test_stitch_mode_links_planes():
     img, gt = spheres()
-    result = segment(volume_from_array(img), model_for(img), do_3D=False,
+    result = segment(volume_from_array(img), model_for(img), diameter=30.0, do_3D=False,
                      stitch_threshold=0.25, min_size=5)
     ap, *_ = average_precision(gt, result.masks, thresholds=(0.5,))
     assert ap[0] >= 0.9, ap
@@ -117,7 +118,7 @@ def test_progress_reports_every_stage_and_cancel_stops():
     model = model_for(img)
     stages = []
     segment(volume_from_array(img), model, progress=lambda s, f: stages.append(s))
-    for stage in ("normalize", "prediction YX", "prediction ZX", "prediction ZY", "dynamics"):
+    for stage in ("size", "normalize", "prediction YX", "prediction ZX", "prediction ZY", "dynamics"):
         assert stage in stages
     token = CancelToken()
 
@@ -133,3 +134,19 @@ def test_2d_given_to_3d_is_refused():
     img, _ = spheres(shape=(28, 48, 48), radius=5.0, n=3)
     with pytest.raises(InputError, match="2D image"):
         segment(volume_from_array(img[12]), model_for(img))
+
+
+def test_default_diameter_is_estimated_from_the_image():
+    """No diameter given: the estimate is the spheres' median slice diameter (the stand-in
+    network is scale-free, so this checks the plumbing; tests/test_size.py uses a real model)."""
+    from cp3d.core.size import estimate_diameter, mask_diameters, pick_planes
+
+    img, gt = spheres()
+    model = model_for(img)
+    true = float(np.median(mask_diameters(gt[pick_planes(gt.shape[0], 6)])))
+    estimate = estimate_diameter(img, model)
+    assert estimate == pytest.approx(true, rel=0.2)
+    result = segment(volume_from_array(img), model, min_size=15)
+    assert result.params["diameter_estimated"] and result.diameter == pytest.approx(estimate)
+    ap, *_ = average_precision(gt, result.masks, thresholds=(0.5,))
+    assert ap[0] >= 0.8, ap

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="> 0: segment each XY plane in 2D and link planes whose masks overlap "
                         "with IoU >= this")
     g.add_argument("--diameter", type=float, default=0.0,
-                   help="typical object diameter in XY pixels (0 = the model's own)")
+                   help="typical object diameter in XY pixels (0 = estimate it from the image)")
     g.add_argument("--flow3D_smooth", type=_smooth, default=0.0,
                    help="Gaussian std applied to the 3D flows before dynamics: one number or "
                         "Z,Y,X (0 = off)")

@@ -106,8 +106,8 @@ def segment(
     ``volume`` is a :class:`Volume` or an array (Z, Y, X) / (Z, C, Y, X). ``model`` is a loaded
     ``Model``, a bundled/user model name, a ``.pth`` path, or None for the default model.
     ``do_3D`` runs the 2.5D pipeline; ``do_3D=False`` segments each XY plane in 2D and, with
-    ``stitch_threshold > 0``, links planes by IoU. ``diameter`` None uses the model's training
-    diameter; ``anisotropy`` None uses the voxel size from the file's metadata (else 1).
+    ``stitch_threshold > 0``, links planes by IoU. ``diameter`` None or 0 is estimated from
+    the image (:func:`cp3d.core.size.estimate_diameter`); ``anisotropy`` None uses the voxel size from the file's metadata (else 1).
     Raises :class:`InputError` for unusable input and :class:`Cancelled` when cancelled.
     """
     from . import dynamics
@@ -131,17 +131,25 @@ def segment(
 
     check_cancel(cancel)
     model = _load(model, use_gpu)
-    if not diameter:  # None or 0: the model's own training diameter, as Cellpose does
-        diameter = float(model.diam_labels)
+    estimated = not diameter
+    if estimated:  # None or 0: measured from a first pass of 2D masks (core.size)
+        from .size import estimate_diameter
+
+        diameter = estimate_diameter(vol, model, chan=chan, chan2=chan2,
+                                     all_channels=all_channels, invert=invert,
+                                     sharpen_radius=sharpen_radius, tile_norm=tile_norm,
+                                     progress=progress, cancel=cancel)
+        times["size"] = time.perf_counter() - t0
     rescale = float(model.diam_mean) / float(diameter)
     if niter is None or niter == 0:
         niter = int(round(200 * max(1.0, 1.0 / rescale)))
 
+    t_norm = time.perf_counter()
     report(progress, "normalize", 0.0)
     x = select_channels(vol.data, model.nchan, chan, chan2, all_channels, path)
     x = normalize_volume(x, invert=invert, sharpen_radius=sharpen_radius, tile_norm=tile_norm)
     report(progress, "normalize", 1.0)
-    times["normalize"] = time.perf_counter() - t0
+    times["normalize"] = time.perf_counter() - t_norm
 
     t1 = time.perf_counter()
     net, device = model.net, model.device
@@ -169,7 +177,8 @@ def segment(
     report(progress, "dynamics", 1.0)
 
     params = dict(
-        model=str(model.path or model.name), diameter=float(diameter), anisotropy=float(anisotropy),
+        model=str(model.path or model.name), diameter=float(diameter),
+        diameter_estimated=estimated, anisotropy=float(anisotropy),
         do_3D=do_3D, stitch_threshold=stitch_threshold, flow3D_smooth=flow3D_smooth,
         min_size=min_size, cellprob_threshold=cellprob_threshold, niter=niter, chan=chan,
         chan2=chan2, all_channels=all_channels, invert=invert, sharpen_radius=sharpen_radius,
