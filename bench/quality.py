@@ -1,11 +1,14 @@
 """AP of a model through the full 3D pipeline, on volumes it never saw, printed as a table.
 
-    python bench/quality.py [--model cp3d_nuclei] [--n_synth 4] [--real ../shared/data/real]
+    python bench/quality.py [--model cp3d_nuclei] [--kind nuclei|cells] [--n_synth 4]
+                            [--real ../shared/data/real]
 
-Rows: fresh synthetic nuclei volumes (seeds >= 1000; training uses seeds below 1000), the
-bundled sample volume, and, when the folder exists, the real mouse-embryo volume with its
-ground truth (QCANet/BBBC050, MIT; voxel 1.75 x 0.8 x 0.8 um). Each is run with the true
-diameter given ("given") and with the model's own default ("default").
+Rows: fresh synthetic volumes (seeds >= 1000; training uses seeds below 1000) of the chosen
+kind (cells: every other one with a nuclear channel, given as chan2), and for nuclei the bundled
+sample volume and, when the folder exists, the real mouse-embryo volume with its ground truth
+(QCANet/BBBC050, MIT; voxel 1.75 x 0.8 x 0.8 um). Each is run twice: with the diameter given
+("given": the generator's object diameter, what a user measures across an object in XY) and
+with no diameter, estimated from the image ("estimated"). The last rows are the means.
 """
 
 from __future__ import annotations
@@ -20,45 +23,63 @@ from cp3d.core.evaluate import THRESHOLDS, Score, format_table, score_masks
 from cp3d.core.io import read_volume, volume_from_array
 from cp3d.core.models import load_model
 from cp3d.core.pipeline import segment
-from cp3d.core.synth import random_nuclei_volume
-from cp3d.core.train import median_diameter
+from cp3d.core.synth import random_volume
 from cp3d.resources import SAMPLE_DIR
 
 
-def run(name, vol, gt, model, diameter, anisotropy) -> Score:
+def run(name, vol, gt, model, diameter, anisotropy, **kw) -> Score:
     t = time.perf_counter()
-    result = segment(vol, model, diameter=diameter, anisotropy=anisotropy)
-    return Score(name, score_masks(gt, result.masks, THRESHOLDS), int(gt.max()), result.n_masks,
-                 time.perf_counter() - t)
+    result = segment(vol, model, diameter=diameter, anisotropy=anisotropy, **kw)
+    label = f"{name} d={result.diameter:.0f}"
+    return Score(label, score_masks(gt, result.masks, THRESHOLDS), int(gt.max()),
+                 result.n_masks, time.perf_counter() - t)
+
+
+def mean_row(name: str, scores: list[Score]) -> Score:
+    ap = np.mean([s.ap for s in scores], axis=0)
+    return Score(name, ap, sum(s.n_true for s in scores), sum(s.n_pred for s in scores),
+                 sum(s.seconds for s in scores))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
+    ap.add_argument("--kind", choices=["nuclei", "cells"], default="nuclei")
     ap.add_argument("--n_synth", type=int, default=4)
-    ap.add_argument("--real", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/real")
+    ap.add_argument("--first_seed", type=int, default=1000)
+    ap.add_argument("--real", type=Path,
+                    default=Path(__file__).resolve().parents[2] / "shared/data/real")
     args = ap.parse_args()
     model = load_model(args.model)
-    scores = []
-    for seed in range(1000, 1000 + args.n_synth):
-        img, gt, meta = random_nuclei_volume(seed)
-        vol = volume_from_array(img)
-        d = median_diameter(gt[gt.shape[0] // 2])
-        scores.append(run(f"synth{seed} d={meta['diameter']:.0f} given", vol, gt, model,
-                          meta["diameter"], meta["anisotropy"]))
-        scores.append(run(f"synth{seed} default", vol, gt, model, None, meta["anisotropy"]))
-    sample = read_volume(SAMPLE_DIR / "sample_nuclei.tif")
-    sample_gt = read_volume(SAMPLE_DIR / "sample_nuclei_masks.tif").data[:, 0]
-    scores.append(run("sample given d=20", sample, sample_gt, model, 20.0, None))
-    scores.append(run("sample default", sample, sample_gt, model, None, None))
-    embryo = args.real / "mouse_embryo_8cell_img.tif"
-    if embryo.exists():
-        vol = read_volume(embryo)
-        gt = read_volume(args.real / "mouse_embryo_8cell_gt.tif").data[:, 0]
-        scores.append(run("embryo given d=19", vol, gt, model, 19.0, 1.75 / 0.8))
-        scores.append(run("embryo default", vol, gt, model, None, 1.75 / 0.8))
+    given, estimated = [], []
+    for seed in range(args.first_seed, args.first_seed + args.n_synth):
+        two = args.kind == "cells" and seed % 2 == 0
+        img, gt, meta = random_volume(seed, args.kind, nuclear_channel=two, dtype=np.uint16)
+        vol = volume_from_array(img, channel_axis=1 if two else None)
+        kw = dict(chan=1, chan2=2) if two else {}
+        name = f"{args.kind}{seed}{' +nuc' if two else ''}"
+        given.append(run(f"{name} given", vol, gt, model, meta["diameter"],
+                         meta["anisotropy"], **kw))
+        estimated.append(run(f"{name} estimated", vol, gt, model, None, meta["anisotropy"],
+                             **kw))
+        for row in (given[-1], estimated[-1]):
+            print(format_table([row], THRESHOLDS).splitlines()[-1], flush=True)
+    rows = [s for pair in zip(given, estimated) for s in pair]
+    rows += [mean_row(f"mean synthetic {args.kind}, given", given),
+             mean_row(f"mean synthetic {args.kind}, estimated", estimated)]
+    if args.kind == "nuclei":
+        sample = read_volume(SAMPLE_DIR / "sample_nuclei.tif")
+        sample_gt = read_volume(SAMPLE_DIR / "sample_nuclei_masks.tif").data[:, 0]
+        rows.append(run("sample given", sample, sample_gt, model, 20.0, None))
+        rows.append(run("sample estimated", sample, sample_gt, model, None, None))
+        embryo = args.real / "mouse_embryo_8cell_img.tif"
+        if embryo.exists():
+            vol = read_volume(embryo)
+            gt = read_volume(args.real / "mouse_embryo_8cell_gt.tif").data[:, 0]
+            rows.append(run("real embryo given", vol, gt, model, 19.0, 1.75 / 0.8))
+            rows.append(run("real embryo estimated", vol, gt, model, None, 1.75 / 0.8))
     print(f"model: {model.path}")
-    print(format_table(scores, THRESHOLDS))
+    print(format_table(rows, THRESHOLDS, mean=False))
 
 
 if __name__ == "__main__":

@@ -29,18 +29,22 @@ from cp3d.core.cancel import CancelToken
 from cp3d.core.errors import Cancelled
 from cp3d.core.models import load_model, save_model
 from cp3d.core.net import CPnet
-from cp3d.core.synth import random_nuclei_volume
+from cp3d.core.synth import random_volume
 from cp3d.core.train import train, volume_slices
 
 TEST_SEEDS = range(2000, 2006)
 
 
-def build_samples(seeds, n_per_axis, nchan, min_objects=3):
+def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3):
+    """Training planes of the random volumes of ``seeds``. Cells: every other volume has a
+    nuclear channel, given as the second input (chan=1, chan2=2); the others are grayscale."""
     samples, meta = [], []
     for seed in seeds:
-        img, lab, m = random_nuclei_volume(seed)
+        two = kind == "cells" and seed % 2 == 0
+        img, lab, m = random_volume(seed, kind, nuclear_channel=two, dtype=np.uint16)
         samples += volume_slices(img, lab, m["anisotropy"], n_per_axis=n_per_axis, seed=seed,
-                                 source=f"synth{seed}", min_objects=min_objects, nchan=nchan)
+                                 source=f"synth-{kind}{seed}", min_objects=min_objects,
+                                 nchan=nchan, chan=1 if two else 0, chan2=2 if two else 0)
         meta.append((seed, round(m["diameter"], 1), round(m["anisotropy"], 2), round(m["snr"], 1)))
     return samples, meta
 
@@ -51,6 +55,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/cp3d_bundled"),
                     help="folder for the training checkpoint")
     ap.add_argument("--minutes", type=float, default=60)
+    ap.add_argument("--kind", choices=["nuclei", "cells"], default="nuclei",
+                    help="synthetic data: touching nuclei, or membrane/cyto-stained cells")
     ap.add_argument("--n_volumes", type=int, default=96)
     ap.add_argument("--n_per_axis", type=int, default=6)
     ap.add_argument("--nbase", type=int, nargs="+", default=[2, 16, 32, 64, 128])
@@ -68,8 +74,8 @@ def main() -> None:
 
     t0 = time.time()
     nchan = args.nbase[0]
-    samples, vols = build_samples(range(args.n_volumes), args.n_per_axis, nchan)
-    test, _ = build_samples(TEST_SEEDS, 2, nchan)
+    samples, vols = build_samples(range(args.n_volumes), args.n_per_axis, nchan, args.kind)
+    test, _ = build_samples(TEST_SEEDS, 2, nchan, args.kind)
     print(f"{len(samples)} training planes from {len(vols)} volumes, {len(test)} held-out, "
           f"{time.time() - t0:.0f} s", flush=True)
 
@@ -101,7 +107,7 @@ def main() -> None:
             iterations=(epoch + 1) * math.ceil(args.nimg_per_epoch / 8),
             train_loss=train_loss, test_loss=test_loss, nbase=args.nbase, bsize=args.bsize,
             lr=args.lr, init=args.init, minutes=round((time.time() - t0) / 60, 1),
-            data=f"synthetic nuclei volumes (cp3d.core.synth.random_nuclei_volume), seeds "
+            data=f"synthetic {args.kind} volumes (cp3d.core.synth.random_volume), seeds "
                  f"0-{args.n_volumes - 1}, {len(samples)} planes in YX/ZY/ZX",
             diam_mean=float(net.diam_mean.item()), diam_labels=float(net.diam_labels.item())))
         net.train()

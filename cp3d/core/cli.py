@@ -20,6 +20,7 @@ log = logging.getLogger("cp3d")
 SUBCOMMANDS = {
     "models": "list the bundled and user models",
     "train": "train or fine-tune a model on image/mask pairs",
+    "make-train": "random 2D crops (YX, ZY, ZX) of z-stacks, with their masks, to train on",
     "eval": "average precision of a model on volumes with ground-truth masks",
 }
 
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no_tif", action="store_true", help="do not write NAME_cp_masks.tif")
     o.add_argument("--no_npy", action="store_true", help="do not write NAME_seg.npy")
     o.add_argument("--verbose", action="store_true", help="log every step")
+    from .blockwise import add_blockwise_args
+
+    add_blockwise_args(p)
     return p
 
 
@@ -116,6 +120,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .train_cli import train_main
 
         return train_main(argv[1:])
+    if argv and argv[0] == "make-train":
+        from .make_train import make_train_main
+
+        return make_train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
@@ -145,6 +153,7 @@ def _segment_main(args) -> int:
 
     from .io import check_writable, list_images, read_volume, save_results
     from .models import load_model, pick_device
+    from . import blockwise
     from .pipeline import segment
 
     if args.image_path is not None:
@@ -182,6 +191,15 @@ def _segment_main(args) -> int:
             bar.refresh()
 
         try:
+            if args.blockwise or not blockwise.would_fit_in_memory(
+                    path, args.anisotropy, args.z_axis, args.channel_axis):
+                if not args.blockwise:
+                    log.warning("%s: too large to segment in memory: segmenting it blockwise",
+                                path.name)
+                written = blockwise.run_file_blockwise(path, args, model, params, bar=bar)
+                log.info("wrote %s", ", ".join(str(w) for w in written))
+                done += 1
+                continue
             vol = read_volume(path, z_axis=args.z_axis, channel_axis=args.channel_axis)
             run = dict(params)
             if vol.is_2d:
