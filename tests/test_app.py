@@ -68,6 +68,16 @@ class FakeBackend(Backend):
     def load_model(self, name_or_path, use_gpu=False):
         return types.SimpleNamespace(name=name_or_path)
 
+    def estimate_diameter(self, volume, model, progress=None, cancel=None, **params):
+        from cp3d.core.cancel import check_cancel, report
+
+        self.calls.append(dict(params, model=model, estimate=True))
+        for i in range(self.steps + 1):
+            check_cancel(cancel)
+            report(progress, "size", i / self.steps)
+            time.sleep(self.delay)
+        return 17.5
+
     def segment(self, volume, model, progress=None, cancel=None, **params):
         from scipy import ndimage
 
@@ -408,43 +418,10 @@ class OracleBackend(FakeBackend):
         return r
 
 
-def test_screenshots_main_window(qtbot, tmp_path):
-    """Window with overlay, orthoviews and 3D view of synthetic touching nuclei (masks = the
-    ground truth). PNGs go to $CP3D_SCREENSHOT_DIR (docs/screenshots) or a temp folder."""
-    import colorsys
-    import os
-
+def save_window_screenshots(w, out: Path) -> np.ndarray:
+    """main_window.png, view_xy_overlay.png and view3d.png into ``out``; returns the 3D RGBA."""
     from PySide6.QtGui import QImage
 
-    needs_gl()
-    from cp3d.app.main import dark_palette
-
-    dark_palette(QApplication.instance())  # as the app looks when started with `cp3d`
-    try:
-        from cp3d.core.synth import nuclei_labels, render_nuclei
-
-        labels = nuclei_labels((28, 112, 112), 60, (7.0, 11.0), anisotropy=2.0, seed=3)
-        img = render_nuclei(labels, seed=3, anisotropy=2.0, snr=10.0)
-    except ImportError:
-        img, labels = blobs_volume(shape=(24, 64, 64), r=9.0)
-    path = tmp_path / "nuclei.tif"
-    tifffile.imwrite(path, img, imagej=True, resolution=(2.0, 2.0),
-                     metadata={"axes": "ZYX", "spacing": 1.0, "unit": "um"})
-    w = make_window(qtbot, tmp_path, OracleBackend(labels), enable_3d=True)
-    w.resize(1440, 900)
-    w.open_paths([path])
-    wait_done(qtbot, w)
-    assert abs(w.state.anisotropy - 2.0) < 1e-6  # from the file's metadata
-    z, y, x = (s // 2 for s in labels.shape)
-    w.state.set_position(z=z, y=y, x=x)
-    sel = int(labels[z, y, x]) or int(np.bincount(labels[z].ravel())[1:].argmax() + 1)
-    w.state.select(sel)
-    # the run above is an oracle (masks = ground truth): keep its timing out of the picture
-    w.log_dock.hide()
-    w.statusBar().clearMessage()
-    qtbot.wait(300)
-
-    out = Path(os.environ.get("CP3D_SCREENSHOT_DIR", tmp_path))
     out.mkdir(parents=True, exist_ok=True)
     w.grab().toImage().save(str(out / "main_window.png"))
     w.xy.grab().save(str(out / "view_xy_overlay.png"))
@@ -453,11 +430,65 @@ def test_screenshots_main_window(qtbot, tmp_path):
     QImage(rgba.data, wd, h, 4 * wd, QImage.Format_RGBA8888).save(str(out / "view3d.png"))
     assert (out / "main_window.png").stat().st_size > 10_000
     assert (out / "view_xy_overlay.png").stat().st_size > 2_000
+    return rgba
 
-    # the 3D view shows several differently coloured cells
+
+def screenshot_dir(tmp_path: Path) -> Path:
+    """$CP3D_SCREENSHOT_DIR (e.g. docs/screenshots to refresh the README's pictures) or a
+    temporary folder."""
+    import os
+
+    return Path(os.environ.get("CP3D_SCREENSHOT_DIR") or tmp_path / "screenshots")
+
+
+def test_screenshots_main_window_real_model(qtbot, tmp_path, monkeypatch):
+    """The bundled model segments the bundled sample (16 of its 40 planes, to keep the suite
+    quick on a CPU); the window with overlay, orthoviews and 3D view is saved as PNGs and must
+    show coloured nuclei: several hues in 3D, overlays in every 2D view, the selection."""
+    import colorsys
+    import os
+
+    needs_gl()
+    if not have_real_core():
+        pytest.skip("cp3d.core not available")
+    from cp3d.app.main import dark_palette
+    from cp3d.core.io import read_volume
+    from cp3d.core.metrics import average_precision
+    from cp3d.resources import SAMPLE_DIR as sample
+
+    dark_palette(QApplication.instance())  # as the app looks when started with `cp3d`
+    vol = read_volume(sample / "sample_nuclei.tif")
+    gt = tifffile.imread(sample / "sample_nuclei_masks.tif")
+    planes = slice(None) if os.environ.get("CP3D_FULL_SAMPLE") else slice(12, 28)
+    img, gt = vol.data[planes, 0], gt[planes]
+    z_um, y_um, x_um = vol.voxel_size
+    path = tmp_path / "sample_nuclei.tif"
+    tifffile.imwrite(path, img, imagej=True, resolution=(1 / x_um, 1 / y_um),
+                     metadata={"axes": "ZYX", "spacing": z_um, "unit": "um"})
+    monkeypatch.setenv("CP3D_USER_MODELS", str(tmp_path / "no_user_models"))
+    w = make_window(qtbot, tmp_path, Backend(), enable_3d=True, autorun=False)
+    w.resize(1440, 900)
+    use_model(qtbot, w, "cp3d_nuclei")
+    w.seg_panel.reset()  # default settings (use_model lowered the thresholds)
+    w.open_paths([path])
+    qtbot.waitUntil(lambda: w.state.image is not None and not w.is_busy, timeout=10_000)
+    w.run_segmentation()
+    wait_done(qtbot, w, timeout=900_000)
+    assert w.errors == []
+    masks = w.state.masks
+    ap50 = float(average_precision(gt, masks, thresholds=(0.5,))[0][0])
+    assert masks.max() >= 10 and ap50 > 0.5, (masks.max(), ap50)
+    z, y, x = (s // 2 for s in masks.shape)
+    w.state.set_position(z=z, y=y, x=x)
+    sel = int(masks[z, y, x]) or int(np.bincount(masks[z].ravel())[1:].argmax() + 1)
+    w.state.select(sel)
+    qtbot.wait(300)
+
+    rgba = save_window_screenshots(w, screenshot_dir(tmp_path))
+    # the 3D view shows several differently coloured cells over a good part of the canvas
     rgb = rgba[..., :3].astype(np.float32) / 255
     colourful = (rgb.max(axis=2) - rgb.min(axis=2)) > 0.25
-    assert colourful.sum() > 500
+    assert colourful.mean() > 0.03, colourful.mean()
     hues = {round(colorsys.rgb_to_hsv(*px)[0] * 12) % 12 for px in rgb[colourful][::7]}
     assert len(hues) >= 4, hues
     # the 2D views show the image and coloured overlays (not blank)
@@ -484,7 +515,8 @@ def test_settings_panel_params_match_core_segment(qtbot, tmp_path):
     accepted = set(inspect.signature(segment).parameters)
     assert set(params) <= accepted, set(params) - accepted
     assert params["do_3D"] is False and params["stitch_threshold"] == 0.4
-    assert params["diameter"] is None and params["niter"] is None  # "auto" = core default
+    # diameter 0 shown as "auto": segment() estimates it; niter "auto" = core default
+    assert params["diameter"] == 0.0 and p.diameter.text() == "auto" and params["niter"] is None
     assert p.params(is_2d=True)["stitch_threshold"] == 0.0
     for name in ("diameter", "anisotropy", "stitch_threshold", "flow3D_smooth", "min_size",
                  "cellprob_threshold", "niter"):
@@ -511,6 +543,45 @@ def test_long_sessions_do_not_exhaust_none_refcount(qtbot):
     assert before - sys.getrefcount(None) <= 50_000
 
 
+def test_estimate_diameter_button_fills_the_box(qtbot, tmp_path):
+    img, _ = blobs_volume()
+    path = write_tiff(tmp_path / "d.tif", img)
+    backend = FakeBackend(delay=0.02)
+    w = make_window(qtbot, tmp_path, backend, autorun=False)
+    assert not w.seg_panel.estimate_button.isEnabled()  # no image yet
+    w.open_paths([path])
+    qtbot.waitUntil(lambda: w.state.image is not None and not w.is_busy, timeout=5_000)
+    assert w.seg_panel.diameter.value() == 0.0
+    qtbot.mouseClick(w.seg_panel.estimate_button, Qt.LeftButton)
+    assert w.is_running and w.cancel_button.isVisible()  # in the worker, with Cancel
+    qtbot.waitUntil(lambda: not w.is_running, timeout=10_000)
+    assert w.seg_panel.diameter.value() == 17.5 and w.errors == []
+    assert backend.calls[-1]["estimate"] and "17.5" in w.log_panel.toPlainText()
+    # cancelled: the box keeps its value
+    w.seg_panel.diameter.setValue(0.0)
+    backend.delay = 0.2
+    w.seg_panel.estimate_button.click()
+    qtbot.waitUntil(lambda: w._run_stage == "size", timeout=5_000)
+    w.cancel_button.click()
+    qtbot.waitUntil(lambda: not w.is_running, timeout=5_000)
+    assert w.seg_panel.diameter.value() == 0.0 and w.errors == []
+
+
+def test_estimate_diameter_with_the_real_core(qtbot, tmp_path, core):
+    backend, model = core
+    if model is None or importlib.util.find_spec("cp3d.core.size") is None:
+        pytest.skip("cp3d.core.size not available")
+    img, _ = blobs_volume()
+    path = write_tiff(tmp_path / "d.tif", img)
+    w = make_window(qtbot, tmp_path, backend, autorun=False)
+    use_model(qtbot, w, model)
+    w.open_paths([path])
+    qtbot.waitUntil(lambda: w.state.image is not None and not w.is_busy, timeout=5_000)
+    w.estimate_diameter()
+    qtbot.waitUntil(lambda: not w.is_running, timeout=60_000)
+    assert w.errors == [] and 1.0 < w.seg_panel.diameter.value() < 1000
+
+
 def test_close_during_run_cancels_and_writes_nothing(qtbot, tmp_path):
     img, _ = blobs_volume()
     path = write_tiff(tmp_path / "closing.tif", img)
@@ -524,3 +595,38 @@ def test_close_during_run_cancels_and_writes_nothing(qtbot, tmp_path):
     assert thread.isFinished()
     qtbot.wait(50)
     assert not (tmp_path / "closing_seg.npy").exists()
+
+
+def test_click_in_3d_view_selects_mask(qtbot, tmp_path):
+    """A click on a mask in the 3D view selects it in every view (ray picking through the
+    camera and the anisotropy scaling)."""
+    needs_gl()
+    img, gt = blobs_volume()
+    path = tmp_path / "pick.tif"
+    tifffile.imwrite(path, img, imagej=True, resolution=(1.0, 1.0),
+                     metadata={"axes": "ZYX", "spacing": 2.0, "unit": "um"})
+    w = make_window(qtbot, tmp_path, OracleBackend(gt), enable_3d=True)
+    w.set_layout("3d")
+    w.open_paths([path])
+    wait_done(qtbot, w)
+    assert w.state.anisotropy == 2.0 and w.view3d.anisotropy == 2.0
+    v3 = w.view3d
+    qtbot.wait(100)
+    for azimuth, (label, centre) in ((-60, (1, (6, 14, 14))), (30, (2, (6, 34, 30))),
+                                     (120, (3, (5, 14, 36)))):
+        v3.view.camera.azimuth = azimuth
+        v3.canvas.update()
+        qtbot.wait(50)
+        x, y = v3.project(centre)
+        assert 0 < x < v3.widget.width() and 0 < y < v3.widget.height()
+        qtbot.mouseClick(v3.widget, Qt.LeftButton, Qt.NoModifier, QPoint(round(x), round(y)))
+        qtbot.waitUntil(lambda: w.state.selection == [label], timeout=2_000)
+        z, yy, xx = w.state.position
+        assert gt[z, yy, xx] == label  # the cursor moved onto the picked mask
+    # ctrl+click adds a second mask to the selection, as in the slice views
+    x, y = v3.project((6, 34, 30))
+    qtbot.mouseClick(v3.widget, Qt.LeftButton, Qt.ControlModifier, QPoint(round(x), round(y)))
+    qtbot.waitUntil(lambda: sorted(w.state.selection) == [2, 3], timeout=2_000)
+    # a click beside the volume clears the selection
+    qtbot.mouseClick(v3.widget, Qt.LeftButton, Qt.NoModifier, QPoint(3, v3.widget.height() - 3))
+    qtbot.waitUntil(lambda: w.state.selection == [], timeout=2_000)

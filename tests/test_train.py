@@ -210,6 +210,8 @@ def test_cli_trains_from_folder_into_user_models(volume, tmp_path, monkeypatch, 
         tifffile.imwrite(data / f"vol{k}.tif", image[sl])
         tifffile.imwrite(data / f"vol{k}_masks.tif", labels[sl].astype(np.uint16))
     tifffile.imwrite(data / "lonely.tif", image[:4])  # no masks: skipped with a warning
+    tifffile.imwrite(data / "blank.tif", image[:4])  # all its masks deleted: skipped too
+    tifffile.imwrite(data / "blank_masks.tif", np.zeros((4, 64, 64), np.uint16))
     users = tmp_path / "user_models"
     monkeypatch.setenv("CP3D_USER_MODELS", str(users))
     save_model(_net(), tmp_path / "tiny.pth")
@@ -220,7 +222,8 @@ def test_cli_trains_from_folder_into_user_models(volume, tmp_path, monkeypatch, 
     assert train_main(argv) == 0
     assert (users / "mine.pth").exists() and (users / "mine.pth.json").exists()
     assert load_model("mine").path == users / "mine.pth"  # found by name, as the GUI lists it
-    assert "saved" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "saved" in out.out and "skipped" in out.err and "blank_masks.tif: no masks" in out.err
     assert train_main(argv[:-4] + ["--model_name_out", "mine", "--n_epochs", "3",
                                    "--resume"]) == 0
     assert json.loads((users / "mine.pth.json").read_text())["epochs"] == 3

@@ -81,6 +81,12 @@ class Backend:
 
         return segment(volume, model, **params)
 
+    def estimate_diameter(self, volume, model, **params) -> float:
+        """Cell diameter in XY pixels (cp3d.core.size; params: chan, chan2, invert, ...)."""
+        from cp3d.core.size import estimate_diameter
+
+        return float(estimate_diameter(volume, model, **params))
+
     def cancelled_error(self) -> type[BaseException]:
         from cp3d.core.errors import Cancelled
 

@@ -38,6 +38,16 @@ def dark_palette(app) -> None:
     app.setPalette(p)
 
 
+def _set_icon(app) -> None:
+    from PySide6.QtGui import QIcon
+
+    from cp3d.resources import ICONS_DIR
+
+    icon = ICONS_DIR / "cp3d.png"
+    if icon.is_file():
+        app.setWindowIcon(QIcon(str(icon)))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="cp3d", description="cp3d: 3D cell segmentation (desktop app)")
     ap.add_argument("files", nargs="*", help="TIFF images to open (and segment, if auto-run is on)")
@@ -54,6 +64,8 @@ def main(argv=None) -> int:
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("cp3d")
     app.setOrganizationName("cp3d")
+    app.setDesktopFileName("cp3d")  # the taskbar finds cp3d.desktop's icon (Linux/Wayland)
+    _set_icon(app)
     dark_palette(app)
 
     from .window import MainWindow

@@ -21,8 +21,9 @@ LOAD_PTH = "Load .pth file..."
 
 # name: (default, tooltip). Names and meanings follow Cellpose so its docs apply.
 SEG_DEFAULTS = {
-    "diameter": (0.0, "diameter: expected cell diameter in pixels (XY). 0 = use the model's "
-                 "own diameter (diam_mean). Images are rescaled so cells match the training size."),
+    "diameter": (0.0, "diameter: expected cell diameter in pixels (XY). 0 = auto: estimated "
+                 "from the image when segmenting. Images are rescaled so cells match the "
+                 "model's training size. 'estimate' measures it now and fills this box."),
     "anisotropy": (1.0, "anisotropy: Z step / XY pixel size. Filled from the file's metadata "
                    "when present. Z is rescaled by this before 3D prediction."),
     "do_3D": (True, "do_3D: predict flows on YX, ZY and ZX slices and run the dynamics in 3D "
@@ -48,6 +49,7 @@ class SegmentationPanel(QGroupBox):
 
     run_requested = Signal()
     load_model_requested = Signal()
+    estimate_requested = Signal()
 
     def __init__(self, parent=None):
         super().__init__("Segmentation", parent)
@@ -62,7 +64,11 @@ class SegmentationPanel(QGroupBox):
         form.addRow("model", self.model)
 
         self.diameter = QDoubleSpinBox(decimals=1, minimum=0.0, maximum=2000.0, singleStep=1.0)
-        self.diameter.setSpecialValueText("auto (model)")
+        self.diameter.setSpecialValueText("auto")
+        self.estimate_button = QPushButton("estimate")
+        self.estimate_button.setToolTip("Estimate the cell diameter of the open image with the "
+                                        "selected model (runs in the background; Esc cancels)")
+        self.estimate_button.clicked.connect(self.estimate_requested)
         self.anisotropy = QDoubleSpinBox(decimals=2, minimum=0.05, maximum=100.0, singleStep=0.1)
         self.mode = QComboBox()
         self.mode.addItems(["3D (do_3D)", "2D + stitch"])
@@ -93,7 +99,13 @@ class SegmentationPanel(QGroupBox):
             w.setToolTip(SEG_DEFAULTS[key][1])
             lab = QLabel(name)
             lab.setToolTip(SEG_DEFAULTS[key][1])
-            form.addRow(lab, w)
+            if w is self.diameter:
+                row = QHBoxLayout()
+                row.addWidget(w, 1)
+                row.addWidget(self.estimate_button)
+                form.addRow(lab, row)
+            else:
+                form.addRow(lab, w)
         self.use_gpu.setToolTip(SEG_DEFAULTS["use_gpu"][1])
         form.addRow("", self.use_gpu)
         form.addRow("", self.autorun)
@@ -184,7 +196,7 @@ class SegmentationPanel(QGroupBox):
         """Keyword arguments for cp3d.core.pipeline.segment (model passed separately)."""
         do_3d = self.mode.currentIndex() == 0 and not is_2d
         return dict(
-            diameter=self.diameter.value() or None,
+            diameter=float(self.diameter.value()),  # 0 = auto: the core estimates it
             anisotropy=self.anisotropy.value(),
             do_3D=do_3d,
             stitch_threshold=0.0 if (do_3d or is_2d) else self.stitch_threshold.value(),

@@ -4,6 +4,8 @@ volume whose colours match the 2D views. Large volumes are subsampled for the GP
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from .render import HIGHLIGHT, downsample_for_3d, label_colors
@@ -85,9 +87,15 @@ class View3D:
         self.show_image = True
         self.show_masks = True
         self._masks_small = None
+        self._image_small = None
         self._shading = None
         self.title = scene.Text("3D", color="white", bold=True, font_size=9, anchor_x="left",
                                 anchor_y="center", parent=self.canvas.scene, pos=(10, 14))
+        # on_pick(voxel (z, y, x) or None, label, add): a click (not a drag) on the canvas
+        self.on_pick: Callable[[tuple[int, int, int], int, bool], None] | None = None
+        self._press_pos = None
+        self.canvas.events.mouse_press.connect(self._mouse_press)
+        self.canvas.events.mouse_release.connect(self._mouse_release)
 
     # ---- data ------------------------------------------------------------------------
     def set_image(self, data: np.ndarray | None, clim: tuple[float, float], anisotropy: float = 1.0) -> None:
@@ -98,11 +106,12 @@ class View3D:
                 if v is not None:
                     v.parent = None
             self.image_visual = self.label_visual = None
-            self.shape = None
+            self.shape = self._image_small = self._masks_small = None
             self.canvas.update()
             return
         small, steps = downsample_for_3d(data)
         small = small.astype(np.float32, copy=False)
+        self._image_small = small
         new_shape = data.shape != self.shape
         self.shape, self.steps = data.shape, steps
         if self.image_visual is None:
@@ -200,6 +209,87 @@ class View3D:
             self.view.camera.scale_factor = extent * 1.15
             self.view.camera.distance = None
         self.canvas.update()
+
+    # ---- picking ---------------------------------------------------------------------
+    def _mouse_press(self, event) -> None:
+        self._press_pos = np.asarray(event.pos[:2], float) if event.button == 1 else None
+
+    def _mouse_release(self, event) -> None:
+        start, self._press_pos = self._press_pos, None
+        if start is None or event.button != 1 or self.on_pick is None:
+            return
+        if np.abs(np.asarray(event.pos[:2], float) - start).max() > 3:
+            return  # a drag turned the camera: not a click
+        mods = [getattr(k, "name", str(k)).lower() for k in (event.modifiers or ())]
+        add = "control" in mods or "meta" in mods
+        hit = self.pick(event.pos[:2])
+        self.on_pick(*(hit if hit is not None else (None, 0)), add)  # None: missed the volume
+
+    def ray(self, pos) -> tuple[np.ndarray, np.ndarray] | None:
+        """The line of sight under canvas position ``pos`` (logical pixels) as (start, end)
+        points in array index coordinates (x, y, z) of the shown (subsampled) volume. The
+        visual's transform holds the camera and the anisotropy scaling, so un-projecting
+        through it gives the ray in voxel units."""
+        visual = self.label_visual if self.label_visual is not None else self.image_visual
+        if visual is None:
+            return None
+        tr = visual.get_transform("canvas", "visual")
+        ends = []
+        for depth in (-1.0, 1.0):  # near and far clipping planes
+            p = np.asarray(tr.map([pos[0], pos[1], depth, 1.0]), float)
+            if abs(p[3]) < 1e-12:
+                return None
+            ends.append(p[:3] / p[3])
+        return ends[0], ends[1]
+
+    def pick(self, pos) -> tuple[tuple[int, int, int], int] | None:
+        """(voxel (z, y, x) at full resolution, label) hit by a click at canvas ``pos``.
+
+        Marches along the ray in half-voxel steps through the shown label volume and takes
+        the first non-zero label (what the user sees in front); without masks, or off them,
+        the brightest image voxel on the ray (what MIP shows) and label 0. None: missed."""
+        r = self.ray(pos)
+        if r is None or self.shape is None:
+            return None
+        a, b = r
+        small = self._masks_small if (self.label_visual is not None and self.show_masks) else None
+        n = np.array([-(-s // st) for s, st in zip(self.shape, self.steps)])[::-1]  # x, y, z
+        d = b - a
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t0 = (-0.5 - a) / d
+            t1 = (n - 0.5 - a) / d
+        lo = np.nanmax(np.where(d != 0, np.minimum(t0, t1), -np.inf))
+        hi = np.nanmin(np.where(d != 0, np.maximum(t0, t1), np.inf))
+        lo = max(lo, 0.0)
+        if not hi > lo:
+            return None
+        length = np.linalg.norm(d) * (hi - lo)
+        t = np.linspace(lo, hi, max(2, int(np.ceil(length * 2)) + 1))
+        pts = np.rint(a[None] + t[:, None] * d[None]).astype(int)
+        pts = np.clip(pts, 0, n - 1)
+        zi, yi, xi = pts[:, 2], pts[:, 1], pts[:, 0]
+        steps = np.asarray(self.steps)
+        if small is not None:
+            labels = small[zi, yi, xi]
+            hits = np.flatnonzero(labels)
+            if hits.size:
+                k = hits[0]
+                voxel = tuple(int(v) for v in np.array([zi[k], yi[k], xi[k]]) * steps)
+                return voxel, int(labels[k])
+        data = self._image_small
+        if data is None:
+            return None
+        k = int(np.argmax(data[zi, yi, xi]))
+        return tuple(int(v) for v in np.array([zi[k], yi[k], xi[k]]) * steps), 0
+
+    def project(self, voxel) -> tuple[float, float] | None:
+        """Canvas position (logical pixels) where full-resolution voxel (z, y, x) is drawn."""
+        visual = self.label_visual if self.label_visual is not None else self.image_visual
+        if visual is None:
+            return None
+        z, y, x = (v / s for v, s in zip(voxel, self.steps))
+        p = np.asarray(visual.get_transform("visual", "canvas").map([x, y, z, 1.0]), float)
+        return float(p[0] / p[3]), float(p[1] / p[3])
 
     def render(self) -> np.ndarray:
         """RGBA screenshot of the canvas (for tests and figures)."""

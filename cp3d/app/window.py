@@ -38,7 +38,16 @@ from .logpanel import LogPanel, detach_panel, setup_logging  # noqa: E402
 from .panels import DisplayPanel, SegmentationPanel  # noqa: E402
 from .slice_view import SliceView  # noqa: E402
 from .state import AppState, auto_contrast, data_range  # noqa: E402
-from .worker import STAGES_2D, STAGES_3D, SegmentWorker, call_in_thread, overall_fraction, start_worker  # noqa: E402
+from .worker import (  # noqa: E402
+    STAGES_2D,
+    STAGES_3D,
+    STAGES_DIAMETER,
+    DiameterWorker,
+    SegmentWorker,
+    call_in_thread,
+    overall_fraction,
+    start_worker,
+)
 
 log = logging.getLogger("cp3d.app")
 
@@ -83,8 +92,10 @@ class MainWindow(QMainWindow):
         self._run_fraction = 0.0
         self._run_stage = ""
         self._run_weights = STAGES_3D
+        self._run_what = "Segmentation"
         self._closing = False
         self.layout_mode = "all"
+        self.labeling = None  # labeling mode window, when open
 
         self.setWindowTitle("cp3d")
         self.setAcceptDrops(True)
@@ -129,6 +140,7 @@ class MainWindow(QMainWindow):
                 from .view3d import View3D
 
                 self.view3d = View3D()
+                self.view3d.on_pick = self._view3d_picked
                 w3 = self.view3d.widget
                 w3.setMinimumSize(120, 80)
             except Exception as e:  # no OpenGL: the 2D views still work
@@ -176,6 +188,7 @@ class MainWindow(QMainWindow):
         self.seg_panel = SegmentationPanel()
         self.seg_panel.run_requested.connect(self.run_segmentation)
         self.seg_panel.load_model_requested.connect(self.load_model_file)
+        self.seg_panel.estimate_requested.connect(self.estimate_diameter)
         self.seg_panel.anisotropy.valueChanged.connect(
             lambda v: self.state.set_display(anisotropy=float(v)))
         self.display_panel = DisplayPanel()
@@ -300,6 +313,11 @@ class MainWindow(QMainWindow):
         m = mb.addMenu("&Segmentation")
         m.addAction(self.act_run)
         m.addAction(self.act_cancel)
+        m.addSeparator()
+        self.act_label = self._action("&Label training crops...", self.open_labeling, None,
+                                      "Correct or draw masks on 2D crops (cp3d-cli make-train) "
+                                      "and train a model on them")
+        m.addAction(self.act_label)
         m = mb.addMenu("&View")
         for a in (self.act_layout_all, self.act_layout_xy, self.act_layout_3d):
             m.addAction(a)
@@ -569,11 +587,17 @@ class MainWindow(QMainWindow):
         log.info("segmenting %s with model %s: %s", self.state.path.name if self.state.path else "image",
                  model or "default", ", ".join(f"{k}={v}" for k, v in shown.items()))
         worker = SegmentWorker(self.backend, self.state.volume, model, params, save=True)
+        self._start(worker, self._on_succeeded, "Segmentation")
+
+    def _start(self, worker, on_succeeded, what: str) -> None:
+        """Run a CoreWorker in its thread with the status-bar progress, time left and Cancel."""
         q = Qt.QueuedConnection  # slots run in the GUI thread
         worker.progress.connect(self._on_progress, q)
-        worker.succeeded.connect(self._on_succeeded, q)
+        worker.succeeded.connect(on_succeeded, q)
+        # bound methods of this window (not lambdas), so Qt queues them to the GUI thread
         worker.failed.connect(self._on_failed, q)
         worker.cancelled.connect(self._on_cancelled, q)
+        self._run_what = what
         worker.done.connect(self._on_worker_done, q)
         self.worker = worker
         self._run_volume = self.state.volume
@@ -582,6 +606,33 @@ class MainWindow(QMainWindow):
         self._run_stage = "starting"
         self._set_running_ui(True)
         self.thread = start_worker(worker)
+
+    def estimate_diameter(self) -> None:
+        """Estimate the cell diameter in the worker thread and fill the diameter box."""
+        if self.is_busy:
+            return
+        if self.state.image is None:
+            self.statusBar().showMessage("Open an image first (drop a TIFF on the window)", 5000)
+            return
+        params = self.seg_panel.params(is_2d=self.state.is_2d)
+        model = self.seg_panel.model_name() or self._saved_model
+        self._run_weights = STAGES_DIAMETER
+        log.info("estimating the cell diameter of %s with model %s",
+                 self.state.path.name if self.state.path else "image", model or "default")
+        worker = DiameterWorker(self.backend, self.state.volume, model, params)
+        self._start(worker, self._on_diameter, "Diameter estimation")
+
+    def _on_diameter(self, diameter, paths, seconds: float) -> None:
+        if self._run_volume is not self.state.volume:
+            return
+        d = float(diameter)
+        if not np.isfinite(d) or d <= 0:
+            self.show_error(f"Diameter estimation gave no usable value ({d}); set it by hand.")
+            return
+        self.seg_panel.diameter.setValue(d)
+        msg = f"estimated cell diameter: {d:.1f} pixels ({seconds:.1f} s)"
+        log.info("%s", msg)
+        self.statusBar().showMessage(msg, 10000)
 
     def cancel_run(self) -> None:
         if self.worker is not None:
@@ -595,6 +646,8 @@ class MainWindow(QMainWindow):
 
     def _on_progress(self, stage: str, fraction: float) -> None:
         f = overall_fraction(stage, fraction, self._run_weights)
+        if f is None and self._run_weights is STAGES_DIAMETER and stage != "model":
+            f = overall_fraction("size", fraction, STAGES_DIAMETER)  # any core stage name
         if f is not None:
             self._run_fraction = max(self._run_fraction, f)
         self._run_stage = stage
@@ -627,11 +680,12 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(msg, 10000)
 
     def _on_failed(self, message: str) -> None:
-        self.show_error(message, "Segmentation failed")
+        self.show_error(message, f"{self._run_what} failed")
 
     def _on_cancelled(self) -> None:
-        log.info("segmentation cancelled; nothing was saved")
-        self.statusBar().showMessage("Segmentation cancelled; nothing was saved", 8000)
+        what = self._run_what
+        log.info("%s cancelled; nothing was saved", what.lower())
+        self.statusBar().showMessage(f"{what} cancelled; nothing was saved", 8000)
 
     def _on_worker_done(self) -> None:
         if self.thread is not None and not self.thread.wait(10_000):
@@ -977,6 +1031,7 @@ class MainWindow(QMainWindow):
         has_masks = st.masks is not None
         self.act_run.setEnabled(not running and st.image is not None)
         self.seg_panel.run_button.setEnabled(not running and st.image is not None)
+        self.seg_panel.estimate_button.setEnabled(not running and st.image is not None)
         self.act_cancel.setEnabled(running)
         self.act_save.setEnabled(has_masks and not running)
         self.act_next.setEnabled(bool(self.queue) and not running)
@@ -1002,6 +1057,30 @@ class MainWindow(QMainWindow):
         st.set_position(*voxel)
         if st.masks is not None and st.show_masks:
             st.select(st.label_at(*voxel), add=add)
+
+    def open_labeling(self, folder=None):
+        """Labeling mode (its own window) for a folder of training crops."""
+        if not folder:
+            start = str(self.state.path.parent / "train") if self.state.path else ""
+            folder = QFileDialog.getExistingDirectory(self, "Folder of training crops", start)
+            if not folder:
+                return None
+        from .labeling import LabelingWindow
+
+        self.labeling = LabelingWindow(folder, self.backend, host=self)
+        self.labeling.show()
+        return self.labeling
+
+    def _view3d_picked(self, voxel: tuple[int, int, int] | None, label: int, add: bool) -> None:
+        """A click in the 3D view: move the cursor there and select the mask hit, as a
+        click in a slice view does (a click beside the volume clears the selection)."""
+        st = self.state
+        if st.image is None or st.is_2d:
+            return
+        if voxel is not None:
+            st.set_position(*voxel)
+        if st.masks is not None and st.show_masks:
+            st.select(label, add=add)
 
     def _view_dragged(self, view: str, row: int, col: int) -> None:
         if self.state.image is not None:
@@ -1056,6 +1135,8 @@ class MainWindow(QMainWindow):
             event.ignore()
             return
         self._closing = True
+        if self.labeling is not None:
+            self.labeling.close()  # stops its prediction or training threads
         if self.worker is not None:
             self.worker.cancel()
             if self.thread is not None and not self.thread.wait(5000):

@@ -13,9 +13,11 @@ from cp3d.core.cancel import CancelToken
 log = logging.getLogger("cp3d.app")
 
 # Expected stages and their share of the run time, for one overall progress fraction.
-STAGES_3D = {"model": 0.03, "normalize": 0.02, "prediction YX": 0.22, "prediction ZX": 0.22,
-             "prediction ZY": 0.22, "dynamics": 0.27, "saving": 0.02}
-STAGES_2D = {"model": 0.05, "normalize": 0.03, "prediction": 0.5, "dynamics": 0.38, "saving": 0.04}
+# "size": the diameter estimate segment() runs when diameter is 0 (auto).
+STAGES_3D = {"model": 0.03, "size": 0.08, "normalize": 0.02, "prediction YX": 0.22,
+             "prediction ZX": 0.22, "prediction ZY": 0.22, "dynamics": 0.27, "saving": 0.02}
+STAGES_2D = {"model": 0.05, "size": 0.15, "normalize": 0.03, "prediction": 0.5, "dynamics": 0.38, "saving": 0.04}
+STAGES_DIAMETER = {"model": 0.1, "size": 0.9}
 
 
 def overall_fraction(stage: str, fraction: float, weights: dict[str, float]) -> float | None:
@@ -29,10 +31,11 @@ def overall_fraction(stage: str, fraction: float, weights: dict[str, float]) -> 
     return min(1.0, (before + weights[key] * fraction) / total)
 
 
-class SegmentWorker(QObject):
-    """Loads the model, segments, saves next to the image. Lives in its own QThread.
+class CoreWorker(QObject):
+    """A long cp3d.core call in its own QThread, with progress and Cancel.
 
-    Signals are queued to the GUI thread, so slots there may touch widgets.
+    Subclasses implement ``work()`` returning (result, saved paths). Signals are queued to
+    the GUI thread, so slots there may touch widgets.
     """
 
     progress = Signal(str, float)  # stage, stage fraction
@@ -41,13 +44,14 @@ class SegmentWorker(QObject):
     cancelled = Signal()
     done = Signal()  # after any of the three above
 
-    def __init__(self, backend, volume, model_name, params: dict, save: bool = True):
+    what = "the task"
+
+    def __init__(self, backend, volume, model_name, params: dict):
         super().__init__()
         self.backend = backend
         self.volume = volume
         self.model_name = model_name
         self.params = dict(params)
-        self.save = save
         self.token = CancelToken()
 
     def cancel(self) -> None:
@@ -57,6 +61,16 @@ class SegmentWorker(QObject):
     def _progress(self, stage: str, fraction: float) -> None:
         self.token.check()
         self.progress.emit(stage, float(fraction))
+
+    def _model(self):
+        self.progress.emit("model", 0.0)
+        model = self.backend.load_model(self.model_name, self.params.get("use_gpu", False))
+        self.token.check()
+        self.progress.emit("model", 1.0)
+        return model
+
+    def work(self) -> tuple[object, list]:
+        raise NotImplementedError
 
     @Slot()
     def run(self) -> None:
@@ -69,18 +83,8 @@ class SegmentWorker(QObject):
             self.done.emit()
             return
         try:
-            self.progress.emit("model", 0.0)
-            model = self.backend.load_model(self.model_name, self.params.get("use_gpu", False))
+            result, paths = self.work()
             self.token.check()
-            self.progress.emit("model", 1.0)
-            result = self.backend.segment(
-                self.volume, model, progress=self._progress, cancel=self.token, **self.params
-            )
-            self.token.check()
-            paths = []
-            if self.save:
-                self.progress.emit("saving", 0.0)
-                paths = self.backend.save_results(self.volume, result)
             self.succeeded.emit(result, paths, time.perf_counter() - t0)
         except Cancelled:
             self.cancelled.emit()
@@ -89,10 +93,46 @@ class SegmentWorker(QObject):
         except MemoryError:
             self.failed.emit("Out of memory: try a smaller volume, batch_size or turn off GPU.")
         except Exception as e:  # a bug: report it, never crash the window
-            log.error("unexpected error during segmentation:\n%s", traceback.format_exc())
-            self.failed.emit(f"Unexpected error during segmentation: {type(e).__name__}: {e}")
+            log.error("unexpected error during %s:\n%s", self.what, traceback.format_exc())
+            self.failed.emit(f"Unexpected error during {self.what}: {type(e).__name__}: {e}")
         finally:
             self.done.emit()
+
+
+class SegmentWorker(CoreWorker):
+    """Loads the model, segments, saves next to the image (``save``)."""
+
+    what = "segmentation"
+
+    def __init__(self, backend, volume, model_name, params: dict, save: bool = True):
+        super().__init__(backend, volume, model_name, params)
+        self.save = save
+
+    def work(self):
+        model = self._model()
+        result = self.backend.segment(
+            self.volume, model, progress=self._progress, cancel=self.token, **self.params
+        )
+        self.token.check()
+        paths = []
+        if self.save:
+            self.progress.emit("saving", 0.0)
+            paths = self.backend.save_results(self.volume, result)
+        return result, paths
+
+
+class DiameterWorker(CoreWorker):
+    """Estimates the cell diameter (XY pixels) of a volume; the result is a float."""
+
+    what = "diameter estimation"
+    KEYS = ("chan", "chan2", "all_channels", "invert", "use_gpu")
+
+    def work(self):
+        model = self._model()
+        kw = {k: v for k, v in self.params.items() if k in self.KEYS}
+        d = self.backend.estimate_diameter(self.volume, model, progress=self._progress,
+                                           cancel=self.token, **kw)
+        return float(d), []
 
 
 def start_worker(worker: QObject, parent=None) -> QThread:

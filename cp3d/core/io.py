@@ -85,9 +85,11 @@ def read_volume(
     path: str | Path,
     z_axis: Optional[int] = None,
     channel_axis: Optional[int] = None,
+    labels: bool = False,
 ) -> Volume:
     """Read a tiff as a (Z, C, Y, X) :class:`Volume`, with its voxel size when known.
 
+    ``labels``: the file holds masks, so an all-zero image is valid (no objects).
     Raises :class:`InputError` (or :class:`AmbiguousAxesError`) naming the file and problem.
     """
     path = Path(path)
@@ -111,7 +113,7 @@ def read_volume(
         raise InputError(f"not a readable TIFF file ({_short(err)})", path) from None
     return volume_from_array(
         data, path=path, z_axis=z_axis, channel_axis=channel_axis,
-        metadata_axes=meta_axes, voxel_size=voxel_size,
+        metadata_axes=meta_axes, voxel_size=voxel_size, check=not labels,
     )
 
 
@@ -122,11 +124,13 @@ def volume_from_array(
     channel_axis: Optional[int] = None,
     metadata_axes: Optional[str] = None,
     voxel_size: Optional[tuple[float, float, float]] = None,
+    check: bool = True,
 ) -> Volume:
-    """Arrange an array as (Z, C, Y, X) and check it can be segmented."""
+    """Arrange an array as (Z, C, Y, X) and (``check``) check it can be segmented."""
     path = Path(path) if path is not None else None
     data = np.asarray(data)
-    check_values(data, path)
+    if check:
+        check_values(data, path)
     zyx_axes = _resolve_axes(data.shape, z_axis, channel_axis, metadata_axes, path)
     z, c = zyx_axes
     arranged = _arrange(data, z, c, path)

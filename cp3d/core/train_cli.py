@@ -20,6 +20,11 @@ from .errors import Cancelled, Cp3dError, InputError, TrainingError
 
 log = logging.getLogger("cp3d")
 
+LR_SCRATCH = 0.005  # Cellpose's default
+# measured on the bundled model, 3 sample crops: at 0.005 the held-out loss went from 0.67 to
+# 14.6 in one epoch (AP 0.70 -> 0.00); at 0.0005 it stays level
+LR_FINE_TUNE = 0.0005
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -67,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the model (default: the user models folder)")
     t = p.add_argument_group("training")
     t.add_argument("--n_epochs", type=int, default=500, help="default: %(default)s")
-    t.add_argument("--learning_rate", type=float, default=0.005, help="default: %(default)s")
+    t.add_argument("--learning_rate", type=float, default=None,
+                   help=f"default: {LR_SCRATCH} for a new network, {LR_FINE_TUNE} when "
+                        "fine-tuning (larger rates wreck a trained network in a few steps)")
     t.add_argument("--weight_decay", type=float, default=1e-5, help="default: %(default)s")
     t.add_argument("--SGD", type=int, default=0,
                    help="1 = SGD with momentum 0.9 instead of AdamW (default: %(default)s)")
@@ -127,7 +134,7 @@ def read_pairs(pairs, z_axis=None, channel_axis=None, anisotropy=None):
         if mask_path.suffix == ".npy":
             masks = np.asarray(load_seg_npy(mask_path)["masks"])
         else:
-            masks = read_volume(mask_path).data[:, 0]
+            masks = read_volume(mask_path, labels=True).data[:, 0]
         if masks.ndim == 2:
             masks = masks[np.newaxis]
         if masks.shape != vol.shape_zyx:
@@ -138,8 +145,10 @@ def read_pairs(pairs, z_axis=None, channel_axis=None, anisotropy=None):
                 raise TrainingError("masks are not integer labels", mask_path)
         if masks.min() < 0:
             raise TrainingError("masks have negative labels", mask_path)
-        if masks.max() == 0:
-            raise TrainingError("mask image is empty (no objects)", mask_path)
+        if masks.max() == 0:  # e.g. a crop whose masks were all deleted: nothing to learn
+            log.warning("%s: no masks, not used", mask_path)
+            print(f"skipped {mask_path}: no masks", file=sys.stderr)
+            continue
         a = anisotropy if anisotropy else (vol.anisotropy or 1.0)
         out.append(TrainingPair(vol.data, masks.astype(np.int32), float(a), str(img_path)))
     return out
@@ -193,6 +202,9 @@ def _run(args) -> int:
     test_pairs = read_pairs(test_files, args.z_axis, args.channel_axis, args.anisotropy)
     pretrained = None if str(args.pretrained_model).lower() in ("none", "scratch", "") \
         else args.pretrained_model
+    learning_rate = args.learning_rate
+    if learning_rate is None:
+        learning_rate = LR_FINE_TUNE if pretrained else LR_SCRATCH
     t0 = time.time()
 
     def on_epoch(epoch, train_loss, test_loss):
@@ -206,7 +218,7 @@ def _run(args) -> int:
         nbase=args.nbase, val_fraction=args.val_fraction, chan=args.chan, chan2=args.chan2,
         n_per_axis=args.n_per_axis or None, min_train_masks=args.min_train_masks,
         device=device, seed=args.seed, n_epochs=args.n_epochs,
-        learning_rate=args.learning_rate, weight_decay=args.weight_decay, SGD=bool(args.SGD),
+        learning_rate=learning_rate, weight_decay=args.weight_decay, SGD=bool(args.SGD),
         batch_size=args.batch_size, nimg_per_epoch=args.nimg_per_epoch, bsize=args.bsize,
         save_every=args.save_every, resume=args.resume, on_epoch=on_epoch,
         test_every=1 if test_pairs or args.val_fraction else 10,
