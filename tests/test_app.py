@@ -630,3 +630,26 @@ def test_click_in_3d_view_selects_mask(qtbot, tmp_path):
     # a click beside the volume clears the selection
     qtbot.mouseClick(v3.widget, Qt.LeftButton, Qt.NoModifier, QPoint(3, v3.widget.height() - 3))
     qtbot.waitUntil(lambda: w.state.selection == [], timeout=2_000)
+
+
+def test_make_training_crops_saves_edits_then_opens_labeling(qtbot, tmp_path):
+    """Segmentation > Make training crops: unsaved edits are saved first, crops (with the
+    current masks) are cut in the worker, then labeling mode opens on them."""
+    img, _ = blobs_volume()
+    path = write_tiff(tmp_path / "vol.tif", img)
+    w = make_window(qtbot, tmp_path)
+    w.open_paths([path])
+    wait_done(qtbot, w)
+    w.state.delete_labels([int(w.state.masks[6, 34, 30])])
+    assert w.state.dirty
+    w.make_training_crops(nimg_per_tif=2, crop_size=24)
+    qtbot.waitUntil(lambda: not w.is_busy and getattr(w, "labeling", None) is not None,
+                    timeout=30_000)
+    assert not w.state.dirty and (tmp_path / "vol_cp_masks.tif").exists()
+    train = tmp_path / "train"
+    crops = sorted(p.name for p in train.glob("*.tif") if not p.stem.endswith("_masks"))
+    assert len(crops) == 6 and {c.split("_")[1] for c in crops} == {"yx", "zy", "zx"}
+    masks = list(train.glob("*_masks.tif"))
+    assert masks and all(tifffile.imread(m).max() > 0 for m in masks)
+    assert w.labeling.isVisible() and w.errors == []
+    w.labeling.close()

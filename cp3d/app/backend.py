@@ -87,6 +87,11 @@ class Backend:
 
         return float(estimate_diameter(volume, model, **params))
 
+    def make_train_file(self, path, **params) -> list[Path]:
+        from cp3d.core.make_train import make_train_file
+
+        return make_train_file(path, **params)
+
     def cancelled_error(self) -> type[BaseException]:
         from cp3d.core.errors import Cancelled
 

@@ -41,7 +41,9 @@ from .state import AppState, auto_contrast, data_range  # noqa: E402
 from .worker import (  # noqa: E402
     STAGES_2D,
     STAGES_3D,
+    STAGES_CROPS,
     STAGES_DIAMETER,
+    CropsWorker,
     DiameterWorker,
     SegmentWorker,
     call_in_thread,
@@ -317,6 +319,11 @@ class MainWindow(QMainWindow):
         self.act_label = self._action("&Label training crops...", self.open_labeling, None,
                                       "Correct or draw masks on 2D crops (cp3d-cli make-train) "
                                       "and train a model on them")
+        self.act_crops = self._action("&Make training crops from this volume...",
+                                      self.make_training_crops, None,
+                                      "Random 2D crops in XY, YZ and XZ (cp3d-cli make-train) "
+                                      "with the current masks, to correct and train on")
+        m.addAction(self.act_crops)
         m.addAction(self.act_label)
         m = mb.addMenu("&View")
         for a in (self.act_layout_all, self.act_layout_xy, self.act_layout_3d):
@@ -1057,6 +1064,64 @@ class MainWindow(QMainWindow):
         st.set_position(*voxel)
         if st.masks is not None and st.show_masks:
             st.select(st.label_at(*voxel), add=add)
+
+    def make_training_crops(self, nimg_per_tif: int | None = None, crop_size: int | None = None,
+                            then_label: bool = True) -> None:
+        """Cut crops of the open volume into train/ beside it, in the worker thread, with the
+        current masks (saved first, so the crops start from them), then open labeling mode."""
+        if self.is_busy:
+            return
+        st = self.state
+        if st.volume is None or st.path is None or st.is_2d:
+            self.statusBar().showMessage("Open a 3D TIFF first (drop it on the window)", 5000)
+            return
+        if st.masks is not None and st.dirty and not self.save():
+            return
+        if nimg_per_tif is None or crop_size is None:
+            asked = self._ask_crop_settings()
+            if asked is None:
+                return
+            nimg_per_tif, crop_size = asked
+        params = self.seg_panel.params(is_2d=False)
+        params.update(nimg_per_tif=int(nimg_per_tif), crop_size=int(crop_size))
+        self._run_weights = STAGES_CROPS
+        self._crops_then_label = then_label
+        log.info("making training crops of %s: %d per orientation, %d px", st.path.name,
+                 nimg_per_tif, crop_size)
+        worker = CropsWorker(self.backend, st.volume, None, params)
+        self._start(worker, self._on_crops, "Making training crops")
+
+    def _ask_crop_settings(self) -> tuple[int, int] | None:
+        from PySide6.QtWidgets import QDialog, QDialogButtonBox, QFormLayout, QSpinBox
+
+        dlg = QDialog(self)
+        dlg.setWindowTitle("Make training crops")
+        form = QFormLayout(dlg)
+        n = QSpinBox(dlg)
+        n.setRange(1, 1000)
+        n.setValue(10)
+        n.setToolTip("nimg_per_tif: crops per orientation (XY, YZ, XZ)")
+        size = QSpinBox(dlg)
+        size.setRange(32, 4096)
+        size.setValue(512)
+        size.setToolTip("crop_size: side in pixels (smaller planes give smaller crops)")
+        form.addRow("crops per orientation", n)
+        form.addRow("crop size (px)", size)
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, parent=dlg)
+        buttons.accepted.connect(dlg.accept)
+        buttons.rejected.connect(dlg.reject)
+        form.addRow(buttons)
+        if dlg.exec() != QDialog.Accepted:
+            return None
+        return n.value(), size.value()
+
+    def _on_crops(self, folder, paths, seconds: float) -> None:
+        n = sum(1 for p in paths if not str(p).endswith("_masks.tif"))
+        msg = f"{n} training crops written to {folder} ({seconds:.1f} s)"
+        log.info("%s", msg)
+        self.statusBar().showMessage(msg, 10000)
+        if folder is not None and self._crops_then_label:
+            self.open_labeling(str(folder))
 
     def open_labeling(self, folder=None):
         """Labeling mode (its own window) for a folder of training crops."""

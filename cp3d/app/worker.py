@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 import traceback
 
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
@@ -18,6 +19,7 @@ STAGES_3D = {"model": 0.03, "size": 0.08, "normalize": 0.02, "prediction YX": 0.
              "prediction ZX": 0.22, "prediction ZY": 0.22, "dynamics": 0.27, "saving": 0.02}
 STAGES_2D = {"model": 0.05, "size": 0.15, "normalize": 0.03, "prediction": 0.5, "dynamics": 0.38, "saving": 0.04}
 STAGES_DIAMETER = {"model": 0.1, "size": 0.9}
+STAGES_CROPS = {"crops": 1.0}
 
 
 def overall_fraction(stage: str, fraction: float, weights: dict[str, float]) -> float | None:
@@ -133,6 +135,24 @@ class DiameterWorker(CoreWorker):
         d = self.backend.estimate_diameter(self.volume, model, progress=self._progress,
                                            cancel=self.token, **kw)
         return float(d), []
+
+
+class CropsWorker(CoreWorker):
+    """Cuts training crops of the volume's file (``cp3d-cli make-train``); the result is the
+    crops folder."""
+
+    what = "making training crops"
+    KEYS = ("chan", "chan2", "all_channels", "invert", "anisotropy", "sharpen_radius",
+            "tile_norm", "nimg_per_tif", "crop_size")
+
+    def work(self):
+        self.progress.emit("crops", 0.0)
+        kw = {k: v for k, v in self.params.items() if k in self.KEYS and v is not None}
+        paths = self.backend.make_train_file(self.volume.path, **kw)
+        self.token.check()
+        self.progress.emit("crops", 1.0)
+        folder = Path(paths[0]).parent if paths else None
+        return folder, paths
 
 
 def start_worker(worker: QObject, parent=None) -> QThread:
