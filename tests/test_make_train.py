@@ -23,24 +23,7 @@ from cp3d.core.synth import cells_labels, downsample_z, nuclei_labels, render, r
 TINY = [2, 8, 16, 32]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread for torch and numba: on a busy 2-core machine 2 threads can be 10x slower
-    (OpenMP threads spin waiting for each other), and the AP figures depend on the count.
-
-    numba's OpenMP pool, started by its first parallel call (here masks_to_flows), resets the
-    process's OpenMP thread count, torch's included, to all cores: start it first."""
-    import numba
-
-    from cp3d.core.flows import masks_to_flows
-
-    masks_to_flows(np.pad(np.ones((4, 4), np.int32), 2))
-    n, n_numba = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    numba.set_num_threads(n_numba)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
