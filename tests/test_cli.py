@@ -92,3 +92,21 @@ def test_usage_errors_exit_2(tmp_path):
     with pytest.raises(SystemExit) as info:
         cli.main(["--image_path", "x.tif", "--flow3D_smooth", "1,2"])
     assert info.value.code == 2
+
+
+def test_bundled_sample_with_no_other_flag_gives_sensible_masks(tmp_path):
+    """What the README's first command does: the bundled model, diameter estimated."""
+    import shutil
+
+    from cp3d.core.metrics import average_precision
+    from cp3d.resources import SAMPLE_DIR
+
+    image = shutil.copy(SAMPLE_DIR / "sample_nuclei.tif", tmp_path)
+    gt = tifffile.imread(SAMPLE_DIR / "sample_nuclei_masks.tif")
+    assert cli.main(["--image_path", str(image), "--do_3D"]) == 0
+    masks = tifffile.imread(tmp_path / "sample_nuclei_cp_masks.tif")
+    n, n_true = len(np.unique(masks)) - 1, int(gt.max())
+    ap = average_precision(gt, masks, thresholds=(0.5,))[0][0]
+    print(f"sample: {n} masks for {n_true} nuclei, AP@0.5 {ap:.3f}")
+    assert 0.85 * n_true <= n <= 1.15 * n_true
+    assert ap >= 0.8
