@@ -81,6 +81,25 @@ class Backend:
 
         return segment(volume, model, **params)
 
+    # ---- volumes larger than memory ------------------------------------------------------
+    def would_fit_in_memory(self, path, anisotropy=None, z_axis=None, channel_axis=None) -> bool:
+        """False when the in-memory pipeline would refuse this file: open it blockwise."""
+        from cp3d.core.blockwise import would_fit_in_memory
+
+        return bool(would_fit_in_memory(path, anisotropy, z_axis, channel_axis))
+
+    def open_lazy(self, path, z_axis=None, channel_axis=None):
+        """A cp3d.core.blockwise.LazyVolume: header only, planes read on demand."""
+        from cp3d.core.blockwise import open_lazy
+
+        return open_lazy(path, z_axis=z_axis, channel_axis=channel_axis)
+
+    def segment_blockwise(self, source, out_zarr, model, **params):
+        """cp3d.core.blockwise.segment_blockwise (params: block_size, progress, ...)."""
+        from cp3d.core.blockwise import segment_blockwise
+
+        return segment_blockwise(source, out_zarr, model, **params)
+
     def estimate_diameter(self, volume, model, **params) -> float:
         """Cell diameter in XY pixels (cp3d.core.size; params: chan, chan2, invert, ...)."""
         from cp3d.core.size import estimate_diameter

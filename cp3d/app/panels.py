@@ -82,6 +82,15 @@ class SegmentationPanel(QGroupBox):
         self.chan2 = QSpinBox(minimum=0, maximum=16)
         self.batch_size = QSpinBox(minimum=1, maximum=256)
         self.use_gpu = QCheckBox("use_gpu")
+        self.blockwise = QCheckBox("blockwise (large volumes)")
+        self.blockwise.setToolTip(
+            "Read the image lazily and segment it block by block into NAME_cp_masks.zarr "
+            "beside it (cp3d.core.blockwise). Chosen automatically for files that would not "
+            "fit in memory. Masks are shown but cannot be edited.")
+        self.block_size = QSpinBox(minimum=8, maximum=4096)
+        self.block_size.setValue(256)
+        self.block_size.setToolTip("edge of a block in voxels (each block also reads about "
+                                   "one cell diameter around it)")
         self.autorun = QCheckBox("Run when a file is opened")
         self.autorun.setToolTip("Start segmentation as soon as an image is opened or dropped; "
                                 "results are saved next to the image (NAME_seg.npy, NAME_cp_masks.tif).")
@@ -108,6 +117,8 @@ class SegmentationPanel(QGroupBox):
                 form.addRow(lab, w)
         self.use_gpu.setToolTip(SEG_DEFAULTS["use_gpu"][1])
         form.addRow("", self.use_gpu)
+        form.addRow("", self.blockwise)
+        form.addRow("block_size", self.block_size)
         form.addRow("", self.autorun)
         self.run_button = QPushButton("Run segmentation")
         self.run_button.setToolTip("Segment the open image with these settings (Ctrl+R)")

@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from .lazy import is_lazy
+
 
 class Events:
     """Minimal observer hub: ``connect(name, fn)`` then ``emit(name)`` calls every fn."""
@@ -115,7 +117,7 @@ class AppState:
 
     def set_volume(self, volume, masks: np.ndarray | None = None) -> None:
         """Show a new volume; optional masks (e.g. restored from NAME_seg.npy)."""
-        data = np.asarray(volume.data)
+        data = volume.data if is_lazy(volume.data) else np.asarray(volume.data)
         if data.ndim != 4:
             raise ValueError(f"expected image shaped (Z, C, Y, X), got {data.shape}")
         self.volume = volume
@@ -148,8 +150,16 @@ class AppState:
         self.dirty = dirty
         self.events.emit("selection")
 
+    @property
+    def masks_read_only(self) -> bool:
+        """Labels read lazily from a zarr (blockwise result): shown, not edited."""
+        return is_lazy(self.masks)
+
     def _set_masks(self, masks: np.ndarray | None) -> None:
-        if masks is not None:
+        if is_lazy(masks):
+            if self.shape is not None and masks.shape != self.shape:
+                raise ValueError(f"masks shaped {masks.shape} do not match image {self.shape}")
+        elif masks is not None:
             masks = np.asarray(masks)
             if self.is_2d and masks.ndim == 2:
                 masks = masks[None]
@@ -225,7 +235,7 @@ class AppState:
     def delete_labels(self, labels: list[int] | None = None) -> bool:
         """Set the given (default: selected) labels to background. Returns True if changed."""
         labels = [int(v) for v in (self.selection if labels is None else labels) if v]
-        if self.masks is None or not labels:
+        if self.masks is None or not labels or self.masks_read_only:
             return False
         index = np.flatnonzero(np.isin(self.masks.reshape(-1), labels))
         name = ", ".join(str(v) for v in labels)
@@ -237,7 +247,7 @@ class AppState:
     def merge_labels(self, labels: list[int] | None = None) -> int:
         """Relabel the given (default: selected) labels to the smallest id. Returns that id."""
         labels = sorted({int(v) for v in (self.selection if labels is None else labels) if v})
-        if self.masks is None or len(labels) < 2:
+        if self.masks is None or len(labels) < 2 or self.masks_read_only:
             return 0
         target, others = labels[0], labels[1:]
         index = np.flatnonzero(np.isin(self.masks.reshape(-1), others))
@@ -271,6 +281,8 @@ class AppState:
 
 def auto_contrast(data: np.ndarray, lower: float = 0.5, upper: float = 99.8) -> tuple[float, float]:
     """Percentile contrast on a subsample, so it is instant even for large volumes."""
+    if is_lazy(data):
+        data = data.preview()
     flat = np.asarray(data).reshape(-1)
     step = max(1, flat.size // 2_000_000)
     sample = flat[::step].astype(np.float32, copy=False)
@@ -286,6 +298,8 @@ def auto_contrast(data: np.ndarray, lower: float = 0.5, upper: float = 99.8) -> 
 
 def data_range(data: np.ndarray) -> tuple[float, float]:
     """Min/max on a subsample (slider range for contrast)."""
+    if is_lazy(data):
+        data = data.preview()
     flat = np.asarray(data).reshape(-1)
     step = max(1, flat.size // 4_000_000)
     sample = flat[::step]

@@ -109,7 +109,12 @@ class View3D:
             self.shape = self._image_small = self._masks_small = None
             self.canvas.update()
             return
-        small, steps = downsample_for_3d(data)
+        if getattr(data, "lazy", False):  # on disk: a small strided read (at most 128^3)
+            from .lazy import PREVIEW_MAX_VOXELS
+
+            small, steps = downsample_for_3d(data, max_voxels=PREVIEW_MAX_VOXELS)
+        else:
+            small, steps = downsample_for_3d(data)
         small = small.astype(np.float32, copy=False)
         self._image_small = small
         new_shape = data.shape != self.shape

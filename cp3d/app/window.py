@@ -34,6 +34,7 @@ from . import render
 
 from .backend import Backend  # noqa: E402
 from .dialogs import AxesDialog  # noqa: E402
+from .lazy import is_lazy, lazy_labels, lazy_volume  # noqa: E402
 from .logpanel import LogPanel, detach_panel, setup_logging  # noqa: E402
 from .panels import DisplayPanel, SegmentationPanel  # noqa: E402
 from .slice_view import SliceView  # noqa: E402
@@ -41,8 +42,10 @@ from .state import AppState, auto_contrast, data_range  # noqa: E402
 from .worker import (  # noqa: E402
     STAGES_2D,
     STAGES_3D,
+    STAGES_BLOCKWISE,
     STAGES_CROPS,
     STAGES_DIAMETER,
+    BlockwiseWorker,
     CropsWorker,
     DiameterWorker,
     SegmentWorker,
@@ -55,7 +58,14 @@ log = logging.getLogger("cp3d.app")
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 MAX_RECENT = 10
+READ_ONLY_MSG = ("Blockwise masks are read from NAME_cp_masks.zarr on disk: editing (delete, "
+                 "merge) is off for them")
 _STUCK_THREADS: list = []
+
+
+def masks_zarr_path(image_path: Path) -> Path:
+    """Where blockwise labels go: NAME_cp_masks.zarr beside the image."""
+    return Path(image_path).with_name(Path(image_path).stem + "_cp_masks.zarr")
 
 
 def _fmt_time(seconds: float) -> str:
@@ -446,16 +456,20 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Opening {path.name}...")
         QApplication.setOverrideCursor(Qt.WaitCursor)
         t0 = time.perf_counter()
+        blockwise = self.seg_panel.blockwise.isChecked()
         self.loader = call_in_thread(
-            lambda: self._read(path, z_axis, channel_axis),
+            lambda: self._read(path, z_axis, channel_axis, blockwise),
             on_result=lambda r: self._loaded(path, r, time.perf_counter() - t0),
             on_error=lambda e: self._load_failed(path, e),
             on_finished=self._loader_finished,
         )
         return True
 
-    def _read(self, path: Path, z_axis, channel_axis):
-        """Worker thread: the volume, and masks from an existing NAME_seg.npy if they fit."""
+    def _read(self, path: Path, z_axis, channel_axis, blockwise: bool = False):
+        """Worker thread: the volume, and masks from an existing NAME_seg.npy if they fit.
+        A volume too large for memory (or any, with ``blockwise``) is opened lazily."""
+        if blockwise or not self._fits_in_memory(path, z_axis, channel_axis):
+            return self._read_lazy(path, z_axis, channel_axis)
         volume = self.backend.read_volume(path, z_axis=z_axis, channel_axis=channel_axis)
         masks, seg_dict, note = None, None, ""
         try:
@@ -473,6 +487,33 @@ class MainWindow(QMainWindow):
         except Exception as e:
             note = f"could not restore masks: {self._message(e)}"
         return volume, masks, seg_dict, note
+
+    def _fits_in_memory(self, path: Path, z_axis, channel_axis) -> bool:
+        if path.suffix.lower() not in TIFF_SUFFIXES:
+            return True
+        try:
+            return self.backend.would_fit_in_memory(path, None, z_axis, channel_axis)
+        except Exception as e:  # let the normal reader report problems with the file
+            log.debug("memory check of %s failed: %s", path, e)
+            return True
+
+    def _read_lazy(self, path: Path, z_axis, channel_axis):
+        """Worker thread: a lazy view of the image (header only), and the labels of an
+        earlier blockwise run (NAME_cp_masks.zarr) opened lazily if present."""
+        volume = lazy_volume(self.backend.open_lazy(path, z_axis=z_axis,
+                                                    channel_axis=channel_axis))
+        masks, note = None, ""
+        zpath = masks_zarr_path(path)
+        if zpath.exists():
+            try:
+                masks = lazy_labels(zpath)
+                if masks.shape != volume.data.shape[:1] + volume.data.shape[2:]:
+                    note, masks = f"{zpath}: labels do not match the image; ignored", None
+                else:
+                    note = f"showing the blockwise labels of {zpath}"
+            except Exception as e:
+                note = f"could not open {zpath}: {self._message(e)}"
+        return volume, masks, None, note
 
     def _loader_finished(self) -> None:
         if self.loader is not None and not self.loader.thread.wait(10_000):
@@ -507,8 +548,9 @@ class MainWindow(QMainWindow):
         z, c, y, x = volume.data.shape
         vs = getattr(volume, "voxel_size", None)
         vs_txt = "(" + ", ".join(f"{v:.3g}" for v in vs) + ") µm" if vs else "unknown"
-        log.info("opened %s: Z=%d C=%d Y=%d X=%d %s, voxel (z, y, x) %s (%.2f s)", path, z, c, y,
-                 x, volume.data.dtype, vs_txt, seconds)
+        log.info("opened %s: Z=%d C=%d Y=%d X=%d %s, voxel (z, y, x) %s (%.2f s)%s", path, z, c,
+                 y, x, volume.data.dtype, vs_txt, seconds,
+                 " lazily (blockwise)" if is_lazy(volume) else "")
         self._add_recent(path)
         self.settings.setValue("last_dir", str(path.parent))
         if self.seg_panel.autorun.isChecked() and masks is None:
@@ -589,12 +631,49 @@ class MainWindow(QMainWindow):
             return
         params = self.seg_panel.params(is_2d=self.state.is_2d)
         model = self.seg_panel.model_name() or self._saved_model
+        if self._use_blockwise():
+            self._run_blockwise(model, params)
+            return
         self._run_weights = STAGES_3D if params["do_3D"] else STAGES_2D
         shown = {k: v for k, v in params.items()}
         log.info("segmenting %s with model %s: %s", self.state.path.name if self.state.path else "image",
                  model or "default", ", ".join(f"{k}={v}" for k, v in shown.items()))
         worker = SegmentWorker(self.backend, self.state.volume, model, params, save=True)
         self._start(worker, self._on_succeeded, "Segmentation")
+
+    def _use_blockwise(self) -> bool:
+        st = self.state
+        return st.path is not None and not st.is_2d and (
+            is_lazy(st.volume) or self.seg_panel.blockwise.isChecked())
+
+    def _run_blockwise(self, model, params: dict) -> None:
+        """Blockwise run in the worker thread: labels go to NAME_cp_masks.zarr beside the
+        image; the progress bar counts blocks."""
+        if not params.get("do_3D", True):
+            log.warning("blockwise segmentation runs the 3D (2.5D) mode only")
+        params["block_size"] = self.seg_panel.block_size.value()
+        out = masks_zarr_path(self.state.path)
+        self._run_weights = STAGES_BLOCKWISE
+        log.info("segmenting %s blockwise (blocks of %d) with model %s into %s",
+                 self.state.path.name, params["block_size"], model or "default", out.name)
+        worker = BlockwiseWorker(self.backend, self.state.volume, model, params, out)
+        self._start(worker, self._on_blockwise_succeeded, "Blockwise segmentation")
+
+    def _on_blockwise_succeeded(self, result, paths, seconds: float) -> None:
+        if self._run_volume is not self.state.volume:
+            return
+        try:
+            masks = lazy_labels(result.zarr_path, int(result.n_masks))
+            self.state.set_masks(masks, dirty=False)
+        except Exception as e:
+            self.show_error(self._message(e, f"{result.zarr_path}: cannot show: "))
+            return
+        self.last_result = None
+        self.last_saved = [Path(p) for p in paths]
+        msg = (f"{result.n_masks} masks in {seconds:.1f} s ({result.n_blocks} blocks); saved "
+               f"{Path(result.zarr_path).name}")
+        log.info("%s: %s", self.state.path.name, msg)
+        self.statusBar().showMessage(msg, 10000)
 
     def _start(self, worker, on_succeeded, what: str) -> None:
         """Run a CoreWorker in its thread with the status-bar progress, time left and Cancel."""
@@ -620,6 +699,11 @@ class MainWindow(QMainWindow):
             return
         if self.state.image is None:
             self.statusBar().showMessage("Open an image first (drop a TIFF on the window)", 5000)
+            return
+        if is_lazy(self.state.volume):
+            self.statusBar().showMessage("A volume opened blockwise gets its diameter "
+                                         "estimated by the run itself (leave diameter on auto)",
+                                         8000)
             return
         params = self.seg_panel.params(is_2d=self.state.is_2d)
         model = self.seg_panel.model_name() or self._saved_model
@@ -767,6 +851,9 @@ class MainWindow(QMainWindow):
         if self.state.masks is None or self.state.volume is None:
             self.statusBar().showMessage("No masks to save", 5000)
             return False
+        if self.state.masks_read_only:
+            self.statusBar().showMessage(READ_ONLY_MSG, 8000)
+            return True
         result = self._result_for_saving()
         try:
             paths = self.backend.save_results(self.state.volume, result)
@@ -813,12 +900,18 @@ class MainWindow(QMainWindow):
     def delete_selected(self) -> None:
         if self.is_running or not self.state.selection:
             return
+        if self.state.masks_read_only:
+            self.statusBar().showMessage(READ_ONLY_MSG, 8000)
+            return
         sel = list(self.state.selection)
         if self.state.delete_labels():
             log.info("deleted mask(s) %s", ", ".join(map(str, sel)))
 
     def merge_selected(self) -> None:
         if self.is_running:
+            return
+        if self.state.masks_read_only:
+            self.statusBar().showMessage(READ_ONLY_MSG, 8000)
             return
         if len(self.state.selection) < 2:
             self.statusBar().showMessage("Select two masks to merge: click one, Ctrl+click the other", 5000)
@@ -1023,6 +1116,11 @@ class MainWindow(QMainWindow):
             self.selection_label.setText("No masks yet: run the segmentation.")
             return
         n = int(st.masks.max()) if st.masks.size else 0
+        if st.masks_read_only:
+            sel = f"Selected: {', '.join(map(str, st.selection))}. " if st.selection else ""
+            self.selection_label.setText(
+                f"{sel}{n} masks, blockwise (read from the zarr on disk): editing is off.")
+            return
         if not st.selection:
             self.selection_label.setText(
                 f"{n} masks (largest id). Click a mask to select it; Ctrl+click adds a second "
@@ -1036,11 +1134,12 @@ class MainWindow(QMainWindow):
         st = self.state
         running = self.is_busy
         has_masks = st.masks is not None
+        editable = has_masks and not st.masks_read_only
         self.act_run.setEnabled(not running and st.image is not None)
         self.seg_panel.run_button.setEnabled(not running and st.image is not None)
         self.seg_panel.estimate_button.setEnabled(not running and st.image is not None)
         self.act_cancel.setEnabled(running)
-        self.act_save.setEnabled(has_masks and not running)
+        self.act_save.setEnabled(editable and not running)
         self.act_next.setEnabled(bool(self.queue) and not running)
         for a, b, ok in (
             (self.act_undo, self.undo_button, st.undo.can_undo),
@@ -1048,8 +1147,8 @@ class MainWindow(QMainWindow):
             (self.act_delete, self.delete_button, bool(st.selection)),
             (self.act_merge, self.merge_button, len(st.selection) >= 2),
         ):
-            a.setEnabled(ok and has_masks and not running)
-            b.setEnabled(ok and has_masks and not running)
+            a.setEnabled(ok and editable and not running)
+            b.setEnabled(ok and editable and not running)
         title = self.windowTitle().rstrip(" *")
         self.setWindowTitle(title + (" *" if st.dirty else ""))
 
@@ -1074,6 +1173,10 @@ class MainWindow(QMainWindow):
         st = self.state
         if st.volume is None or st.path is None or st.is_2d:
             self.statusBar().showMessage("Open a 3D TIFF first (drop it on the window)", 5000)
+            return
+        if is_lazy(st.volume) or st.masks_read_only:
+            self.statusBar().showMessage("Training crops are not available for volumes "
+                                         "segmented blockwise", 8000)
             return
         if st.masks is not None and st.dirty and not self.save():
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ STAGES_3D = {"model": 0.03, "size": 0.08, "normalize": 0.02, "prediction YX": 0.
 STAGES_2D = {"model": 0.05, "size": 0.15, "normalize": 0.03, "prediction": 0.5, "dynamics": 0.38, "saving": 0.04}
 STAGES_DIAMETER = {"model": 0.1, "size": 0.9}
 STAGES_CROPS = {"crops": 1.0}
+STAGES_BLOCKWISE = {"model": 0.02, "preparing": 0.08, "block": 0.85, "merging": 0.05}
 
 
 def overall_fraction(stage: str, fraction: float, weights: dict[str, float]) -> float | None:
@@ -121,6 +123,46 @@ class SegmentWorker(CoreWorker):
             self.progress.emit("saving", 0.0)
             paths = self.backend.save_results(self.volume, result)
         return result, paths
+
+
+class BlockwiseWorker(CoreWorker):
+    """Segments a volume larger than memory block by block into NAME_cp_masks.zarr beside
+    it (cp3d.core.blockwise); the result is the core's BlockwiseResult.
+
+    Cancel acts between blocks: the progress callback raises Cancelled, which stops the run
+    before the merge, so no zarr is written and the finished blocks stay in the scratch
+    folder for a rerun to resume from."""
+
+    what = "blockwise segmentation"
+    KEYS = ("diameter", "anisotropy", "flow3D_smooth", "min_size", "cellprob_threshold",
+            "niter", "chan", "chan2", "all_channels", "invert", "sharpen_radius", "tile_norm",
+            "batch_size", "use_gpu", "block_size")
+
+    def __init__(self, backend, volume, model_name, params: dict, out_zarr: Path):
+        super().__init__(backend, volume, model_name, params)
+        self.out_zarr = Path(out_zarr)
+
+    def _blocks(self, done: int, total: int) -> None:
+        self.token.check()
+        self.progress.emit(f"block {done}/{total}", done / max(total, 1))
+        if done >= total:
+            self.progress.emit("merging", 0.0)
+
+    def work(self):
+        model = self._model()
+        self.progress.emit("preparing", 0.0)
+        kw = {k: v for k, v in self.params.items() if k in self.KEYS}
+        if not kw.get("diameter"):
+            kw["diameter"] = None  # 0 = auto: the core estimates it
+        source = getattr(self.volume, "source", self.volume)
+        if getattr(source, "kind", "array") != "array":
+            # its own file handle: the GUI thread keeps reading planes from the shown one
+            source = dataclasses.replace(source, array=None)
+        result = self.backend.segment_blockwise(source, self.out_zarr, model,
+                                                progress=self._blocks, **kw)
+        # the labels are written: a Cancel pressed during the merge comes too late to undo it
+        self.token = CancelToken()
+        return result, [Path(result.zarr_path)]
 
 
 class DiameterWorker(CoreWorker):

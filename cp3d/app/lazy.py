@@ -1,0 +1,168 @@
+"""Array-like views of volumes on disk that read only what the app shows.
+
+For volumes larger than memory (blockwise segmentation): the slice views index one plane
+(``a[z]``, ``a[:, y, :]``, ``a[:, :, x]``), the 3D view asks for a strided subsample
+(``a[::sz, ::sy, ::sx]``), and nothing else is read. No Qt here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+PREVIEW_MAX_VOXELS = 128 ** 3  # 3D view and contrast sample of a lazy volume
+
+
+def preview_steps(shape: tuple, max_voxels: int = PREVIEW_MAX_VOXELS) -> tuple[int, int, int]:
+    """Smallest integer strides (z, y, x) that bring ``shape`` under ``max_voxels``."""
+    steps = [1, 1, 1]
+    while np.prod([-(-n // s) for n, s in zip(shape, steps)]) > max_voxels:
+        sides = [-(-n // s) for n, s in zip(shape, steps)]
+        steps[int(np.argmax(sides))] += 1
+    return tuple(steps)
+
+
+class LazyArray3D:
+    """A (Z, Y, X) array read on demand through ``read(zs, ys, xs)`` (unit-step slices).
+
+    Indexing takes ints and slices (any step); strided reads go plane by plane, so memory
+    stays at one plane plus the result. The last few reads are cached, since every redraw
+    asks for the same three planes."""
+
+    lazy = True
+
+    def __init__(self, read: Callable[[slice, slice, slice], np.ndarray], shape: tuple,
+                 dtype, n_labels: Optional[int] = None):
+        self._read = read
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.n_labels = n_labels  # labels: the largest id, known from the run
+        self._cache: dict = {}
+
+    ndim = 3
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        cache_key = tuple((k.start, k.stop, k.step) if isinstance(k, slice) else int(k)
+                          for k in key)
+        if cache_key in self._cache:
+            return self._cache[cache_key]
+        out = self._get(key)
+        if np.ndim(out) == 0:
+            return out  # single voxels (the status line) would only push planes out
+        if len(self._cache) >= 6:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[cache_key] = out
+        return out
+
+    def _get(self, key) -> np.ndarray:
+        unit, strides, drop = [], [], []
+        for axis, (k, n) in enumerate(zip(key, self.shape)):
+            if isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                if step < 1:
+                    raise IndexError("negative steps are not supported")
+                unit.append(slice(start, max(start, stop)))
+                strides.append(step)
+            else:
+                i = int(k) + (n if int(k) < 0 else 0)
+                if not 0 <= i < n:
+                    raise IndexError(f"index {k} out of range for axis {axis} of size {n}")
+                unit.append(slice(i, i + 1))
+                strides.append(1)
+                drop.append(axis)
+        zs, ys, xs = unit
+        if strides == [1, 1, 1]:
+            out = np.asarray(self._read(zs, ys, xs))
+        else:
+            planes = [np.asarray(self._read(slice(z, z + 1), ys, xs))[0, ::strides[1], ::strides[2]]
+                      for z in range(zs.start, zs.stop, strides[0])]
+            out = np.stack(planes) if planes else np.zeros((0, 0, 0), self.dtype)
+        if len(drop) == 3:
+            return out.reshape(())[()]  # one voxel: a numpy scalar
+        return out.reshape([s for a, s in enumerate(out.shape) if a not in drop]) if drop \
+            else out
+
+    def preview(self, max_voxels: int = PREVIEW_MAX_VOXELS) -> np.ndarray:
+        """A strided subsample of at most ``max_voxels`` (contrast, 3D view)."""
+        s = preview_steps(self.shape, max_voxels)
+        return self[::s[0], ::s[1], ::s[2]]
+
+    def max(self) -> int:
+        """Largest label id: the run's count when known, else the preview's maximum."""
+        if self.n_labels is not None:
+            return int(self.n_labels)
+        p = self.preview()
+        return int(p.max()) if p.size else 0
+
+
+class LazyImage:
+    """(Z, C, Y, X) view of a :class:`cp3d.core.blockwise.LazyVolume`; ``image[:, c]`` gives
+    the lazy (Z, Y, X) channel the views read from."""
+
+    lazy = True
+    ndim = 4
+
+    def __init__(self, source: Any):
+        self.source = source
+        z, y, x = source.shape_zyx
+        self.shape = (z, source.nchan, y, x)
+        self.dtype = np.dtype(source.dtype)
+        self._channels: dict[int, LazyArray3D] = {}
+
+    def __getitem__(self, key):
+        if (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)
+                and isinstance(key[1], (int, np.integer))):
+            c = int(key[1])
+            if c not in self._channels:
+                def read(zs, ys, xs, c=c):
+                    return self.source.read(zs, ys, xs)[:, c]
+
+                self._channels[c] = LazyArray3D(read, (self.shape[0],) + self.shape[2:],
+                                                self.dtype)
+            return self._channels[c]
+        raise IndexError("a lazy image is indexed by channel only: image[:, c]")
+
+
+@dataclass
+class LazyVolumeView:
+    """What the app keeps as ``state.volume`` for a volume read lazily."""
+
+    data: LazyImage
+    path: Optional[Path]
+    voxel_size: Optional[tuple]
+    source: Any  # the core LazyVolume, given to segment_blockwise
+    lazy: bool = True
+
+    @property
+    def anisotropy(self) -> Optional[float]:
+        return self.source.anisotropy
+
+
+def is_lazy(obj) -> bool:
+    return bool(getattr(obj, "lazy", False))
+
+
+def lazy_volume(source) -> LazyVolumeView:
+    """Wrap a core LazyVolume for AppState.set_volume."""
+    return LazyVolumeView(data=LazyImage(source), path=source.path,
+                          voxel_size=source.voxel_size, source=source)
+
+
+def lazy_labels(zarr_path, n_labels: Optional[int] = None) -> LazyArray3D:
+    """The labels of a blockwise run, opened lazily from their zarr."""
+    import zarr
+
+    arr = zarr.open_array(str(zarr_path), mode="r")
+    if arr.ndim != 3:
+        raise ValueError(f"{zarr_path}: labels have {arr.ndim} dimensions, expected 3")
+    return LazyArray3D(lambda zs, ys, xs: arr[zs, ys, xs], arr.shape, arr.dtype, n_labels)
