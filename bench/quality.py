@@ -55,7 +55,7 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.n_synth):
         two = args.kind == "cells" and seed % 2 == 0
         img, gt, meta = random_volume(seed, args.kind, nuclear_channel=two, dtype=np.uint16)
-        vol = volume_from_array(img, channel_axis=1 if two else None)
+        vol = volume_from_array(img, z_axis=0 if two else None, channel_axis=1 if two else None)
         kw = dict(chan=1, chan2=2) if two else {}
         name = f"{args.kind}{seed}{' +nuc' if two else ''}"
         given.append(run(f"{name} given", vol, gt, model, meta["diameter"],

@@ -27,6 +27,7 @@ log = logging.getLogger("cp3d")
 
 TRIAL_FACTORS = (0.5, 1.0, 2.0, 4.0)  # times the model's training diameter
 MIN_DIAMETER, MAX_DIAMETER = 4.0, 1000.0
+MIN_MASKS = 5  # a trial with fewer masks says nothing (one merged blob "agrees" with any size)
 MAX_SIDE = 384  # network-scale plane side: larger planes are cropped to their centre
 
 
@@ -102,7 +103,7 @@ def estimate_diameter(
         trial = default * factor
         d = measure(trial)
         report(progress, "size", (k + 1) / steps)
-        if d.size == 0:
+        if d.size < MIN_MASKS:
             continue
         gap = abs(math.log(float(np.median(d)) / trial))
         if gap < best_gap:
