@@ -28,7 +28,7 @@ from cp3d.core.flows import masks_to_flows
 from cp3d.core.models import pick_device
 from cp3d.core.net import CPnet
 from cp3d.core.synth import random_nuclei_volume
-from cp3d.core.train import augment, bf16_supported, loss_fn, make_batch, volume_slices
+from cp3d.core.train import augment, bf16_supported, make_batch, train_step, volume_slices
 
 
 def baseline_batch(samples, idx, rng, diam_mean, nchan, bsize):
@@ -42,21 +42,6 @@ def baseline_batch(samples, idx, rng, diam_mean, nchan, bsize):
         if m.max() > 0:
             targets[b, 1:] = masks_to_flows(m)
     return imgs, targets
-
-
-def step(net, opt, imgs, targets, device, fast: bool) -> None:
-    x = torch.from_numpy(imgs).to(device)
-    y = torch.from_numpy(targets).to(device)
-    if fast and device.type == "cpu":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
-        out = net(x)[0]
-    loss = loss_fn(out, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -96,7 +81,7 @@ def main() -> None:
                     imgs, targets = baseline_batch(samples, idx, rng, 30.0, 2, args.bsize)
                 else:
                     imgs, targets = make_batch(samples, idx, rng, 30.0, 2, args.bsize)
-                step(net, opt, imgs, targets, device, fast=kind == "cp3d" and fast_ok)
+                train_step(net, opt, imgs, targets, device, kind == "cp3d" and fast_ok)
                 if k:
                     times[kind].append(time.perf_counter() - t)
         base, fast = np.median(times["baseline"]), np.median(times["cp3d"])

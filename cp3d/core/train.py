@@ -482,7 +482,7 @@ def train(
             if len(idx) < 2 and seen:  # BatchNorm needs 2+ samples; a lone leftover is dropped
                 break
             imgs, targets = make_batch(train_samples, idx, rng, diam_mean, nchan, bsize)
-            loss = _step(net, optimizer, imgs, targets, device, use_amp)
+            loss = train_step(net, optimizer, imgs, targets, device, use_amp)
             epoch_loss += loss * len(idx)
             seen += len(idx)
             report(progress, "training", (epoch + (b + len(idx)) / per_epoch) / n_epochs)
@@ -513,7 +513,10 @@ def train(
     return result
 
 
-def _step(net, optimizer, imgs: np.ndarray, targets: np.ndarray, device, use_amp: bool) -> float:
+def train_step(net, optimizer, imgs: np.ndarray, targets: np.ndarray, device,
+               use_amp: bool) -> float:
+    """One optimisation step on a batch; ``use_amp``: bfloat16 autocast (channels-last on CPU).
+    Returns the loss (reading it waits for the device, so timings include the whole step)."""
     x = torch.from_numpy(imgs).to(device)
     y = torch.from_numpy(targets).to(device)
     if use_amp and device.type == "cpu":
