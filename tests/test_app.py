@@ -653,3 +653,17 @@ def test_make_training_crops_saves_edits_then_opens_labeling(qtbot, tmp_path):
     assert masks and all(tifffile.imread(m).max() > 0 for m in masks)
     assert w.labeling.isVisible() and w.errors == []
     w.labeling.close()
+
+
+def test_model_box_starts_on_the_default_model_not_the_first_listed(qtbot):
+    from cp3d.app.panels import SegmentationPanel
+    from cp3d.core.models import ModelInfo
+
+    panel = SegmentationPanel()
+    qtbot.addWidget(panel)
+    infos = [ModelInfo("cp3d_cyto", Path("a.pth"), True), ModelInfo("cp3d_nuclei", Path("b.pth"), True),
+             ModelInfo("mine", Path("c.pth"), False)]
+    panel.set_models(infos)
+    assert panel.model_name() == "cp3d_nuclei"
+    panel.set_models(infos, current="mine")  # a user's choice is kept
+    assert panel.model_name() == "mine"

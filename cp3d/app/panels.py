@@ -171,6 +171,10 @@ class SegmentationPanel(QGroupBox):
             self.add_model_path(keep)
         self.model.addItem(LOAD_PTH, LOAD_PTH)
         i = self.model.findData(keep) if keep else -1
+        if i < 0:  # nothing chosen yet: the bundled default, not the first name in the list
+            from cp3d.resources import DEFAULT_MODEL
+
+            i = self.model.findData(DEFAULT_MODEL)
         self.model.setCurrentIndex(max(i, 0))
         self._previous_model = self.model.currentData()
 

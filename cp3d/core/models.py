@@ -26,7 +26,7 @@ from .net import CPnet, architecture_from_state_dict
 
 log = logging.getLogger("cp3d")
 
-DEFAULT_MODEL = "cp3d_nuclei"
+from cp3d.resources import DEFAULT_MODEL  # noqa: E402  (no torch: the app reads it too)
 #: suffixes tried after a bare model name (Cellpose's own model files have none)
 MODEL_SUFFIXES = (".pth", ".pt", "")
 _SIDECAR = ".json"
