@@ -133,11 +133,11 @@ def test_resume_after_a_crash_skips_finished_blocks(case, tmp_path, monkeypatch)
     real = blockwise.segment_block
     calls = []
 
-    def crashing(data, job):
+    def crashing(data, job, **kw):
         if len(calls) == 10:
             raise RuntimeError("simulated crash")
         calls.append(1)
-        return real(data, job)
+        return real(data, job, **kw)
 
     monkeypatch.setattr(blockwise, "segment_block", crashing)
     out = tmp_path / "labels.zarr"
@@ -149,13 +149,117 @@ def test_resume_after_a_crash_skips_finished_blocks(case, tmp_path, monkeypatch)
 
     recomputed = []
 
-    def counting(data, job):
+    def counting(data, job, **kw):
         recomputed.append(1)
-        return real(data, job)
+        return real(data, job, **kw)
 
     monkeypatch.setattr(blockwise, "segment_block", counting)
     again = blockwise.segment_blockwise(case.img, out, case.model, block_size=BLOCKS, diameter=12)
     assert len(recomputed) == 17 and again.n_computed == 17
+    np.testing.assert_array_equal(again.load(), case.masks)
+
+
+class SlowGradientNet(GradientNet):
+    """GradientNet that takes ``delay`` seconds per batch, so a block lasts long enough to be
+    interrupted while it runs."""
+
+    def __init__(self, threshold: float, delay: float):
+        super().__init__(threshold)
+        self.delay = delay
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.delay)
+        return super().forward(x)
+
+
+def slow_model(model, delay):
+    return SimpleNamespace(**{**vars(model), "net": SlowGradientNet(model.net.threshold, delay)})
+
+
+def test_cancel_stops_inside_a_block(case, tmp_path):
+    """One block of about 20 batches of 0.25 s: Cancel after the first batch ends the run
+    within about a batch, leaves no output, no marker, and a rerun gives the same masks."""
+    import threading
+    import time
+
+    from cp3d.core.cancel import CancelToken
+    from cp3d.core.errors import Cancelled
+
+    model = slow_model(case.model, 0.25)
+    token = CancelToken()
+    started = threading.Event()
+    net_forward = model.net.forward
+
+    def forward(x):
+        started.set()
+        return net_forward(x)
+
+    model.net.forward = forward
+    out = tmp_path / "labels.zarr"
+    threading.Thread(target=lambda: (started.wait(30), token.cancel()), daemon=True).start()
+    t0 = time.perf_counter()
+    with pytest.raises(Cancelled):
+        blockwise.segment_blockwise(case.img, out, model, block_size=SHAPE, diameter=12,
+                                    cancel=token)
+    assert time.perf_counter() - t0 < 2.5  # the whole block would take about 5 s
+    assert not out.exists()
+    assert not list((tmp_path / "labels_blockwise" / "done").glob("*.npz"))
+    again = blockwise.segment_blockwise(case.img, out, case.model, block_size=BLOCKS,
+                                        diameter=12)
+    np.testing.assert_array_equal(again.load(), case.masks)
+
+
+def test_resume_after_a_worker_process_is_killed(case, tmp_path, monkeypatch):
+    """A LocalCluster of 2 worker processes; one is killed (SIGKILL) while it segments a block.
+    With no retries allowed the run fails, writes no output, and keeps the finished blocks; the
+    rerun computes only the others and gives the same masks as the clean run."""
+    import os
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cloudpickle
+    import dask
+    from distributed import Client, KilledWorker, LocalCluster
+
+    model = slow_model(case.model, 0.2)  # about 1 s a block
+    out = tmp_path / "labels.zarr"
+    done_dir = tmp_path / "labels_blockwise" / "done"
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+                LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                             dashboard_address=None) as cluster, \
+                Client(cluster) as client, ThreadPoolExecutor(1) as pool:
+            pids = client.run(os.getpid)
+            run = pool.submit(blockwise.segment_blockwise, case.img, out, model,
+                              block_size=BLOCKS, diameter=12,
+                              dask_scheduler=cluster.scheduler_address)
+            deadline = time.time() + 120
+            while len(list(done_dir.glob("[!.]*.npz"))) < 4 and time.time() < deadline:
+                time.sleep(0.05)
+            busy = [w for w, keys in client.processing().items() if keys]
+            os.kill(pids[busy[0]], signal.SIGKILL)
+            with pytest.raises(KilledWorker):
+                run.result(timeout=120)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert not out.exists()  # no partial result presented as complete
+    finished = len(list(done_dir.glob("[!.]*.npz")))
+    assert 4 <= finished < 27
+
+    recomputed = []
+    real = blockwise.segment_block
+
+    def counting(data, job, **kw):
+        recomputed.append(1)
+        return real(data, job, **kw)
+
+    monkeypatch.setattr(blockwise, "segment_block", counting)
+    again = blockwise.segment_blockwise(case.img, out, case.model, block_size=BLOCKS, diameter=12)
+    assert len(recomputed) == again.n_computed == 27 - finished
     np.testing.assert_array_equal(again.load(), case.masks)
 
 

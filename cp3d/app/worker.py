@@ -129,9 +129,9 @@ class BlockwiseWorker(CoreWorker):
     """Segments a volume larger than memory block by block into NAME_cp_masks.zarr beside
     it (cp3d.core.blockwise); the result is the core's BlockwiseResult.
 
-    Cancel acts between blocks: the progress callback raises Cancelled, which stops the run
-    before the merge, so no zarr is written and the finished blocks stay in the scratch
-    folder for a rerun to resume from."""
+    Cancel stops the running block within a network batch or a dynamics step, before the
+    merge, so no zarr is written and the finished blocks stay in the scratch folder for a
+    rerun to resume from."""
 
     what = "blockwise segmentation"
     KEYS = ("diameter", "anisotropy", "flow3D_smooth", "min_size", "cellprob_threshold",
@@ -159,7 +159,7 @@ class BlockwiseWorker(CoreWorker):
             # its own file handle: the GUI thread keeps reading planes from the shown one
             source = dataclasses.replace(source, array=None)
         result = self.backend.segment_blockwise(source, self.out_zarr, model,
-                                                progress=self._blocks, **kw)
+                                                progress=self._blocks, cancel=self.token, **kw)
         # the labels are written: a Cancel pressed during the merge comes too late to undo it
         self.token = CancelToken()
         return result, [Path(result.zarr_path)]

@@ -41,7 +41,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import InputError, OutputError
+from .cancel import CancelToken, check_cancel
+from .errors import Cancelled, InputError, OutputError
 
 log = logging.getLogger("cp3d")
 
@@ -382,10 +383,12 @@ def _get_model(model, use_gpu: bool):
     return _MODEL_CACHE[key]
 
 
-def segment_block(data: np.ndarray, job: Job) -> np.ndarray:
+def segment_block(data: np.ndarray, job: Job, cancel: Optional[CancelToken] = None) -> np.ndarray:
     """The 2.5D pipeline on one (Z, C, Y, X) block region: labels (Z, Y, X).
 
-    Kept as a module-level function so tests can wrap it (to simulate a crash, say)."""
+    Kept as a module-level function so tests can wrap it (to simulate a crash, say).
+    ``cancel`` is checked between network batches and dynamics steps, so a Cancel does not
+    wait for the block to finish."""
     from . import dynamics
     from .inference import predict_3d
     from .pipeline import select_channels
@@ -401,7 +404,8 @@ def segment_block(data: np.ndarray, job: Job) -> np.ndarray:
     fraction = 0.4 * float(np.prod(job.shape)) / float(cellprob.size)
     return dynamics.masks_from_flows(
         dP, cellprob, niter=job.niter, cellprob_threshold=p["cellprob_threshold"],
-        min_size=p["min_size"], flow3D_smooth=p["flow3D_smooth"], max_size_fraction=fraction)
+        min_size=p["min_size"], flow3D_smooth=p["flow3D_smooth"], max_size_fraction=fraction,
+        cancel=cancel)
 
 
 def _marker(scratch: Union[str, Path], block: Block) -> Path:
@@ -442,17 +446,18 @@ def _neighbour_extent(job: Job, axis: int, i: int) -> int:
     return min(job.shape[axis], (i + 1) * b) - i * b
 
 
-def run_block(block: Block, job: Job) -> int:
+def run_block(block: Block, job: Job, cancel: Optional[CancelToken] = None) -> int:
     """Segment one block unless its marker exists; returns its number of labels (-1: skipped)."""
     marker = _marker(job.scratch, block)
     if marker.exists():
         return -1
+    check_cancel(cancel)
     if job.threads:
         import torch
 
         torch.set_num_threads(job.threads)
     data = job.src.read(*(slice(a, b) for a, b in block.ext))
-    labels = segment_block(data, job)
+    labels = segment_block(data, job, cancel=cancel)
     del data
     core_sl = tuple(slice(c0 - e0, c1 - e0) for (c0, c1), (e0, _) in zip(block.core, block.ext))
     core = labels[core_sl]
@@ -599,8 +604,11 @@ def _block_bytes(ext_shape, rescale: float, anisotropy: float, nchan: int) -> fl
 
 def _run_tasks(fn: Callable, items: list, scheduler: Optional[str], n_workers: int,
                memory_limit: Optional[int], threads: Optional[int],
-               progress: Optional[Callable[[int, int], None]]) -> None:
-    """Run ``fn(item)`` for every item as dask tasks; raises the first task error."""
+               progress: Optional[Callable[[int, int], None]],
+               cancel: Optional[CancelToken] = None) -> None:
+    """Run ``fn(item)`` for every item as dask tasks; raises the first task error, or
+    :class:`Cancelled` soon after ``cancel`` is set (on a cluster, the pending tasks are
+    cancelled and the running ones finish on their own)."""
     import dask
 
     if not items:
@@ -608,7 +616,7 @@ def _run_tasks(fn: Callable, items: list, scheduler: Optional[str], n_workers: i
     total = len(items)
     tasks = [dask.delayed(fn, pure=False)(item) for item in items]
     if scheduler or n_workers > 1:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, LocalCluster, wait
 
         cluster = None
         if scheduler:
@@ -619,11 +627,22 @@ def _run_tasks(fn: Callable, items: list, scheduler: Optional[str], n_workers: i
                                    memory_limit=per_worker, dashboard_address=None)
             client = Client(cluster)
         try:
-            futures = client.compute(tasks)
-            for done, fut in enumerate(as_completed(futures), 1):
-                fut.result()
-                if progress is not None:
-                    progress(done, total)
+            pending = set(client.compute(tasks))
+            done = 0
+            while pending:
+                if cancel is not None and cancel.cancelled:
+                    client.cancel(list(pending))
+                    raise Cancelled()
+                try:
+                    finished, pending = wait(pending, timeout=0.25,
+                                             return_when="FIRST_COMPLETED")
+                except TimeoutError:  # none finished yet: look at the cancel token again
+                    continue
+                for fut in finished:
+                    fut.result()
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
         finally:
             client.close()
             if cluster is not None:
@@ -673,6 +692,7 @@ def segment_blockwise(
     use_gpu: bool = False,
     keep_blocks: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
+    cancel: Optional[CancelToken] = None,
 ) -> BlockwiseResult:
     """Segment a volume block by block and write the merged labels to ``out_zarr``.
 
@@ -683,6 +703,9 @@ def segment_blockwise(
     ``dask_scheduler``: address of a dask.distributed scheduler ("tcp://host:8786"); the
     workers must see ``out_zarr``'s folder and the input. ``n_workers`` > 1 without a scheduler
     starts a local cluster of that many processes sharing ``memory_limit`` (bytes or "8GB").
+    ``progress(done, total)`` is called per finished block; ``cancel`` stops the run within
+    the running block (:class:`Cancelled`), before anything is written beside the scratch
+    folder, whose finished blocks a rerun resumes from.
     Other parameters are :func:`cp3d.core.pipeline.segment`'s (2.5D mode only).
     """
     from .io import check_writable
@@ -717,7 +740,8 @@ def segment_blockwise(
     if not diameter:
         diameter = estimate_diameter_lazily(src, loaded, chan=chan, chan2=chan2,
                                             all_channels=all_channels, invert=invert,
-                                            sharpen_radius=sharpen_radius)
+                                            sharpen_radius=sharpen_radius, cancel=cancel)
+    check_cancel(cancel)
     rescale = float(loaded.diam_mean) / float(diameter)
     if niter is None or niter == 0:
         niter = int(round(200 * max(1.0, 1.0 / rescale)))
@@ -784,8 +808,9 @@ def segment_blockwise(
     log.info("%s: %d blocks of %s (+%s halo), %d to do", src.name, len(blocks),
              "x".join(map(str, bs)), "x".join(map(str, halo)), len(pending))
     t1 = time.perf_counter()
-    _run_tasks(_BlockTask(job), pending, dask_scheduler, n_workers, memory_limit, threads,
-               progress)
+    _run_tasks(_BlockTask(job, cancel), pending, dask_scheduler, n_workers, memory_limit,
+               threads, progress, cancel)
+    check_cancel(cancel)
     times["blocks"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -814,13 +839,19 @@ def segment_blockwise(
 
 
 class _BlockTask:
-    """Picklable ``run_block`` bound to a job (dask sends it to workers once per task)."""
+    """Picklable ``run_block`` bound to a job (dask sends it to workers once per task).
 
-    def __init__(self, job: Job):
-        self.job = job
+    The cancel token only reaches blocks run in this process; it is not pickled (workers of a
+    cluster are stopped by cancelling their futures instead)."""
+
+    def __init__(self, job: Job, cancel: Optional[CancelToken] = None):
+        self.job, self.cancel = job, cancel
+
+    def __getstate__(self):
+        return {"job": self.job, "cancel": None}
 
     def __call__(self, block: Block) -> int:
-        return run_block(block, self.job)
+        return run_block(block, self.job, self.cancel)
 
 
 class _FinalTask:
