@@ -330,3 +330,40 @@ def test_help_lists_blockwise_flags(capsys):
     for flag in ("--blockwise", "--block_size", "--out_zarr", "--dask_scheduler",
                  "--n_workers", "--memory_limit"):
         assert flag in text, flag
+
+
+def test_automatic_block_size_stays_within_the_memory_limit(case, tmp_path):
+    """block_size 0: the blocks are chosen from the memory limit; they still give the
+    whole-volume masks, and the zarr's chunks never straddle two blocks."""
+    limit = blockwise._block_bytes((44, 60, 60), 1.0, 1.0, 2)
+    result = blockwise.segment_blockwise(case.img, tmp_path / "labels.zarr", case.model,
+                                         block_size=0, diameter=12, memory_limit=limit)
+    assert result.n_blocks > 1
+    bs = result.params["block_size"]
+    ext = max((tuple(e1 - e0 for e0, e1 in b.ext)
+               for b in blockwise.block_grid(SHAPE, bs, result.params["overlap"])), key=np.prod)
+    assert blockwise._block_bytes(ext, 1.0, 1.0, 2) <= limit
+    ap, *_ = average_precision(case.whole, result.load(), thresholds=(0.5, 0.9))
+    assert ap[0] >= 0.99 and ap[1] >= 0.99, ap
+    import zarr
+
+    chunks = zarr.open_array(str(result.zarr_path), mode="r").chunks
+    assert all(b % c == 0 for b, c in zip(bs, chunks)), (bs, chunks)
+
+
+def test_chosen_blocks_read_fewer_voxels_than_cubes_of_256():
+    """On a light-sheet-sized volume, with a 30-voxel halo and the default 4 GB a block, the
+    chosen blocks fit and read fewer voxels than 256^3 cubes (whose halos are read twice)."""
+    shape, halo = (512, 1024, 1024), (30, 30, 30)
+
+    def voxels_read(bs):
+        return sum(np.prod([e1 - e0 for e0, e1 in b.ext])
+                   for b in blockwise.block_grid(shape, bs, halo))
+
+    bs = blockwise.choose_block_size(shape, halo, 1.0, 1.0, 2, blockwise.BLOCK_MEMORY)
+    largest = max((tuple(e1 - e0 for e0, e1 in b.ext)
+                   for b in blockwise.block_grid(shape, bs, halo)), key=np.prod)
+    assert blockwise._block_bytes(largest, 1.0, 1.0, 2) <= blockwise.BLOCK_MEMORY
+    chosen, cubes = voxels_read(bs), voxels_read((256, 256, 256))
+    assert chosen / np.prod(shape) < 1.35 and cubes / np.prod(shape) > 1.5, (bs, chosen, cubes)
+    assert all(b % c == 0 and 16 <= c <= 64 for b, c in zip(bs, blockwise.output_chunks(bs, shape)))

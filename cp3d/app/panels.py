@@ -87,10 +87,12 @@ class SegmentationPanel(QGroupBox):
             "Read the image lazily and segment it block by block into NAME_cp_masks.zarr "
             "beside it (cp3d.core.blockwise). Chosen automatically for files that would not "
             "fit in memory. Masks are shown but cannot be edited.")
-        self.block_size = QSpinBox(minimum=8, maximum=4096)
-        self.block_size.setValue(256)
+        self.block_size = QSpinBox(minimum=0, maximum=4096)
+        self.block_size.setSpecialValueText("auto")
+        self.block_size.setValue(0)
         self.block_size.setToolTip("edge of a block in voxels (each block also reads about "
-                                   "one cell diameter around it)")
+                                   "one cell diameter around it); auto: the largest blocks "
+                                   "that stay within 4 GB each")
         self.autorun = QCheckBox("Run when a file is opened")
         self.autorun.setToolTip("Start segmentation as soon as an image is opened or dropped; "
                                 "results are saved next to the image (NAME_seg.npy, NAME_cp_masks.tif).")

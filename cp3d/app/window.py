@@ -654,8 +654,9 @@ class MainWindow(QMainWindow):
         params["block_size"] = self.seg_panel.block_size.value()
         out = masks_zarr_path(self.state.path)
         self._run_weights = STAGES_BLOCKWISE
-        log.info("segmenting %s blockwise (blocks of %d) with model %s into %s",
-                 self.state.path.name, params["block_size"], model or "default", out.name)
+        log.info("segmenting %s blockwise (blocks of %s) with model %s into %s",
+                 self.state.path.name, params["block_size"] or "auto", model or "default",
+                 out.name)
         worker = BlockwiseWorker(self.backend, self.state.volume, model, params, out)
         self._start(worker, self._on_blockwise_succeeded, "Blockwise segmentation")
 

@@ -46,7 +46,9 @@ from .errors import Cancelled, InputError, OutputError
 
 log = logging.getLogger("cp3d")
 
-BLOCK_SIZE = 256
+BLOCK_SIZE = 0  # 0: chosen from the memory each block may use (choose_block_size)
+BLOCK_MEMORY = 4e9  # bytes one block may use by default (less when memory_limit says so)
+PROCESS_BYTES = 0.8e9  # a worker's fixed memory: model, torch and numba runtime, dask
 SCRATCH_SUFFIX = "_blockwise"  # NAME_blockwise/ beside the output: per-block results, markers
 MATCH_FRACTION = 0.5  # two labels are one cell when they share more than this of the smaller
 
@@ -596,10 +598,68 @@ class BlockwiseResult:
 
 
 def _block_bytes(ext_shape, rescale: float, anisotropy: float, nchan: int) -> float:
-    """Peak working memory of one block (the in-memory pipeline's arrays at that size)."""
+    """Peak memory of a worker segmenting one block of ``ext_shape`` voxels.
+
+    Measured on the in-memory pipeline (bench/blockwise.py, peak RSS): about 27 bytes per
+    voxel at network scale while predicting (normalized input and the summed flows), 36 per
+    voxel during the dynamics (flows, cell probability, seeds and labels), on top of the
+    process's fixed memory; the input block and its labels add a few bytes per voxel."""
     voxels = float(np.prod(ext_shape))
     work = voxels * rescale**3 * max(1.0, anisotropy)
-    return work * (nchan + 4) * 4 * 1.3 + voxels * (4 * nchan + 4 * 4 + 40)
+    predict = work * (4 * nchan + 16) + (voxels * 16 if work != voxels else 0.0)
+    return PROCESS_BYTES + max(predict, voxels * 40.0) + voxels * (2 * nchan + 6)
+
+
+def output_chunks(block_size: Sequence[int], shape: Sequence[int],
+                  largest: int = 64, smallest: int = 16) -> tuple[int, int, int]:
+    """Chunks of the labels zarr: small enough that a viewer reads a plane without
+    decompressing whole blocks, and dividing the block size, so that blocks written at once
+    never share a chunk. Per axis, the largest divisor of the block edge up to ``largest``;
+    the block edge itself when it has none from ``smallest`` up."""
+    out = []
+    for b, n in zip(block_size, shape):
+        b = min(b, n)
+        div = next((d for d in range(min(b, largest), smallest - 1, -1) if b % d == 0), b)
+        out.append(div)
+    return tuple(out)
+
+
+def _axis_ext_total(n: int, count: int, halo: int) -> int:
+    """Voxels read along one axis by ``count`` equal blocks with ``halo`` (clipped at ends)."""
+    return n + 2 * halo * (count - 1) if count > 1 else n
+
+
+def choose_block_size(shape: Sequence[int], halo: Sequence[int], rescale: float,
+                      anisotropy: float, nchan: int, budget: float,
+                      min_block: int = 32) -> tuple[int, int, int]:
+    """Core block size (Z, Y, X) that reads the fewest voxels in all (halos are read, and
+    segmented, twice) while one block stays within ``budget`` bytes.
+
+    Blocks are equal along each axis (a volume of 1024 is cut 342+341+341, not 512+512+0), so
+    the largest block, an interior one, is the one checked against the budget."""
+    best, best_cost = None, None
+    counts = [range(1, max(1, math.ceil(n / min_block)) + 1) for n in shape]
+    for cz in counts[0]:
+        for cy in counts[1]:
+            for cx in counts[2]:
+                # multiples of 16 (when cut), so output_chunks finds a good divisor
+                cores = [n if c == 1 else 16 * math.ceil(n / c / 16)
+                         for n, c in zip(shape, (cz, cy, cx))]
+                if any(b * (c - 1) >= n for b, c, n in zip(cores, (cz, cy, cx), shape)):
+                    continue  # rounding up left the last block empty
+                ext = [min(n, b + (2 if c > 2 else c - 1) * h)
+                       for n, b, c, h in zip(shape, cores, (cz, cy, cx), halo)]
+                if _block_bytes(ext, rescale, anisotropy, nchan) > budget:
+                    continue
+                cost = math.prod(_axis_ext_total(n, c, h)
+                                 for n, c, h in zip(shape, (cz, cy, cx), halo))
+                key = (cost, cz * cy * cx)
+                if best_cost is None or key < best_cost:
+                    best, best_cost = tuple(cores), key
+                break  # more blocks along X only read more
+    if best is None:  # not even the smallest blocks fit: the caller reports it
+        return tuple(min(n, min_block) for n in shape)
+    return best
 
 
 def _run_tasks(fn: Callable, items: list, scheduler: Optional[str], n_workers: int,
@@ -669,7 +729,7 @@ def segment_blockwise(
     out_zarr: Union[str, Path],
     model=None,
     *,
-    block_size: Union[int, Sequence[int]] = BLOCK_SIZE,
+    block_size: Optional[Union[int, Sequence[int]]] = BLOCK_SIZE,
     overlap: Optional[Union[int, Sequence[int]]] = None,
     dask_scheduler: Optional[str] = None,
     n_workers: int = 1,
@@ -697,7 +757,9 @@ def segment_blockwise(
     """Segment a volume block by block and write the merged labels to ``out_zarr``.
 
     ``source``: a tiff or zarr path (read lazily), a :class:`LazyVolume`, or an in-memory
-    array / Volume. ``block_size``: core block edge in voxels (one number or Z, Y, X).
+    array / Volume. ``block_size``: core block edge in voxels (one number or Z, Y, X); 0 or
+    None chooses it (:func:`choose_block_size`): the blocks that read the fewest voxels while
+    each stays within 4 GB, or within ``memory_limit`` / ``n_workers`` if that is less.
     ``overlap``: voxels each block reads beyond its core on every side (default: one cell
     diameter, so neighbouring blocks overlap by two; in Z divided by the anisotropy).
     ``dask_scheduler``: address of a dask.distributed scheduler ("tcp://host:8786"); the
@@ -745,7 +807,6 @@ def segment_blockwise(
     rescale = float(loaded.diam_mean) / float(diameter)
     if niter is None or niter == 0:
         niter = int(round(200 * max(1.0, 1.0 / rescale)))
-    bs = _as3(block_size)
     if overlap is None:
         halo = (int(math.ceil(diameter / anisotropy)), int(math.ceil(diameter)),
                 int(math.ceil(diameter)))
@@ -754,12 +815,8 @@ def segment_blockwise(
     margin = tuple(max(2, min(h, int(math.ceil(d / 2))))
                    for h, d in zip(halo, (diameter / anisotropy, diameter, diameter)))
     margin = tuple(min(m, h) if h > 0 else 0 for m, h in zip(margin, halo))
-    blocks = block_grid(shape, bs, halo)
-    grid = tuple(len(range(0, n, b)) for n, b in zip(shape, bs))
 
-    # memory: how many blocks may run at once
-    ext_largest = tuple(min(n, b + 2 * h) for n, b, h in zip(shape, bs, halo))
-    need = _block_bytes(ext_largest, rescale, anisotropy, loaded.nchan)
+    # memory: the block size, and how many blocks may run at once
     if memory_limit is None and not dask_scheduler:
         try:
             import psutil
@@ -767,6 +824,17 @@ def segment_blockwise(
             memory_limit = int(0.8 * psutil.virtual_memory().available)
         except Exception:
             memory_limit = None
+    if not block_size:
+        budget = BLOCK_MEMORY
+        if memory_limit and not dask_scheduler:
+            budget = min(budget, memory_limit / n_workers)
+        bs = choose_block_size(shape, halo, rescale, anisotropy, loaded.nchan, budget)
+    else:
+        bs = _as3(block_size)
+    blocks = block_grid(shape, bs, halo)
+    grid = tuple(len(range(0, n, b)) for n, b in zip(shape, bs))
+    ext_largest = max((tuple(e1 - e0 for e0, e1 in b.ext) for b in blocks), key=math.prod)
+    need = _block_bytes(ext_largest, rescale, anisotropy, loaded.nchan)
     if memory_limit and not dask_scheduler:
         if need > memory_limit:
             raise InputError(
@@ -819,7 +887,8 @@ def segment_blockwise(
     tmp = out_zarr.with_name(f".{out_zarr.name}.{uuid.uuid4().hex[:8]}.part")
     import zarr
 
-    zarr.open_array(str(tmp), mode="w", shape=shape, chunks=bs, dtype=dtype, fill_value=0)
+    zarr.open_array(str(tmp), mode="w", shape=shape, chunks=output_chunks(bs, shape),
+                    dtype=dtype, fill_value=0)
     try:
         _run_tasks(_FinalTask(str(scratch), str(tmp)), list(zip(blocks, luts)), dask_scheduler,
                    1 if not dask_scheduler else n_workers, None, None, None)
@@ -922,7 +991,9 @@ def add_blockwise_args(parser: argparse.ArgumentParser) -> None:
                         "not fit in memory")
     g.add_argument("--block_size", type=int, default=BLOCK_SIZE,
                    help="edge of a block in voxels (each block also reads about one cell "
-                        "diameter around it)")
+                        "diameter around it); default 0: the largest blocks that stay within "
+                        "4 GB each (or --memory_limit / --n_workers), which wastes the least "
+                        "time on the overlaps")
     g.add_argument("--out_zarr", type=Path, default=None,
                    help="blockwise output: zarr folder for the labels (default: "
                         "NAME_cp_masks.zarr in --savedir or beside the image; with --dir, a "
