@@ -64,9 +64,12 @@ def test_blockwise_checkbox_runs_blocks_and_shows_zarr(qtbot, tmp_path, core):
     np.testing.assert_array_equal(w.state.masks[z], on_disk[z])
     np.testing.assert_array_equal(render.plane(w.state.masks, "xz", tuple(w.state.position)),
                                   on_disk[:, w.state.position[1], :])
-    if on_disk[z].any():  # coloured mask pixels in the XY view
-        shown = w.xy.image_array()
-        assert (shown[..., 0] != shown[..., 1]).any()
+    if on_disk[z].any():  # coloured mask pixels in the XY view (planes arrive from a thread)
+        def coloured():
+            shown = w.xy.image_array()
+            return (shown[..., 0] != shown[..., 1]).any()
+
+        qtbot.waitUntil(coloured, timeout=10_000)
     # the image plane shown is the file's plane
     np.testing.assert_array_equal(w.state.channel_data()[z], img[z])
     # editing is off, with a message saying why
@@ -122,6 +125,53 @@ def test_volume_too_large_for_memory_opens_lazily_and_runs_blockwise(qtbot, tmp_
     w.open_paths([path])
     qtbot.waitUntil(lambda: not w.is_busy and w.state.masks is not None, timeout=30_000)
     assert isinstance(w.state.masks, LazyArray3D)
+
+
+def test_planes_of_a_slow_disk_never_block_the_gui_thread(qtbot, tmp_path, core, monkeypatch):
+    """Every read of the file takes 0.4 s: moving the cursor returns at once, the views keep
+    their last picture meanwhile, and show the new planes when the reads land."""
+    import time
+
+    backend, _ = core
+    monkeypatch.setattr(backend, "would_fit_in_memory", lambda *a, **k: False)
+    path, img = big_blobs(tmp_path, "slow_disk.tif")
+    w = make_window(qtbot, tmp_path, backend, autorun=False, enable_3d=False)
+    w.open_paths([path])
+    qtbot.waitUntil(lambda: w.state.image is not None and not w.is_busy, timeout=10_000)
+    qtbot.waitUntil(lambda: all(v.image_array() is not None for v in (w.xy, w.xz, w.yz)),
+                    timeout=10_000)
+    source = w.state.image.source
+    real_read = source.read
+
+    def slow_read(zs, ys, xs):
+        time.sleep(0.4)
+        return real_read(zs, ys, xs)
+
+    monkeypatch.setattr(source, "read", slow_read)
+    lo, hi = w.state.contrast
+    y = 40  # a row through a blob, not shown yet
+    t0 = time.perf_counter()
+    w.state.set_position(y=y)
+    assert time.perf_counter() - t0 < 0.2
+    expected = render.to_uint8(img[:, y, :], lo, hi)
+
+    def xz_shows_row():
+        shown = w.xz.image_array()
+        return shown.shape[:2] == expected.shape and np.array_equal(shown[..., 0], expected)
+
+    assert not xz_shows_row()
+    qtbot.waitUntil(xz_shows_row, timeout=10_000)
+    # scrolling through 12 planes: the planes passed over are not read, the last one shows
+    # in about one read, not twelve
+    t0 = time.perf_counter()
+    for z in range(1, 13):
+        w.state.set_position(z=z)
+    expected_xy = render.to_uint8(img[12], lo, hi)
+    qtbot.waitUntil(lambda: np.array_equal(w.xy.image_array()[..., 0], expected_xy),
+                    timeout=10_000)
+    assert time.perf_counter() - t0 < 2.5
+    assert f"value {img[tuple(w.state.position)]:.4g}" in w.pos_label.text() \
+        or "value ..." in w.pos_label.text()
 
 
 def test_lazy_array_indexing_matches_numpy():

@@ -224,7 +224,7 @@ def test_resume_after_a_worker_process_is_killed(case, tmp_path, monkeypatch):
     import dask
     from distributed import Client, KilledWorker, LocalCluster
 
-    model = slow_model(case.model, 0.2)  # about 1 s a block
+    model = slow_model(case.model, 0.4)
     out = tmp_path / "labels.zarr"
     done_dir = tmp_path / "labels_blockwise" / "done"
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -238,10 +238,12 @@ def test_resume_after_a_worker_process_is_killed(case, tmp_path, monkeypatch):
                               block_size=BLOCKS, diameter=12,
                               dask_scheduler=cluster.scheduler_address)
             deadline = time.time() + 120
-            while len(list(done_dir.glob("[!.]*.npz"))) < 4 and time.time() < deadline:
-                time.sleep(0.05)
-            busy = [w for w, keys in client.processing().items() if keys]
-            os.kill(pids[busy[0]], signal.SIGKILL)
+            busy = []
+            while time.time() < deadline and not (
+                    len(list(done_dir.glob("[!.]*.npz"))) >= 4
+                    and (busy := [w for w, keys in client.processing().items() if keys])):
+                time.sleep(0.02)
+            os.kill(pids[busy[0]], signal.SIGKILL)  # mid-block: a block lasts about 2 s
             with pytest.raises(KilledWorker):
                 run.result(timeout=120)
     finally:

@@ -7,11 +7,15 @@ For volumes larger than memory (blockwise segmentation): the slice views index o
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from .render import orient, plane, plane_index
 
 PREVIEW_MAX_VOXELS = 128 ** 3  # 3D view and contrast sample of a lazy volume
 
@@ -41,6 +45,7 @@ class LazyArray3D:
         self.dtype = np.dtype(dtype)
         self.n_labels = n_labels  # labels: the largest id, known from the run
         self._cache: dict = {}
+        self._cache_lock = threading.Lock()  # the PlaneReader thread fills the cache too
 
     ndim = 3
 
@@ -48,20 +53,32 @@ class LazyArray3D:
     def size(self) -> int:
         return int(np.prod(self.shape))
 
-    def __getitem__(self, key) -> np.ndarray:
+    @staticmethod
+    def _normalize(key) -> tuple[tuple, tuple]:
         if not isinstance(key, tuple):
             key = (key,)
         key = key + (slice(None),) * (3 - len(key))
         cache_key = tuple((k.start, k.stop, k.step) if isinstance(k, slice) else int(k)
                           for k in key)
-        if cache_key in self._cache:
-            return self._cache[cache_key]
+        return key, cache_key
+
+    def cached(self, key) -> Optional[np.ndarray]:
+        """What ``self[key]`` would return if it is already in memory, else None."""
+        with self._cache_lock:
+            return self._cache.get(self._normalize(key)[1])
+
+    def __getitem__(self, key) -> np.ndarray:
+        key, cache_key = self._normalize(key)
+        with self._cache_lock:
+            if cache_key in self._cache:
+                return self._cache[cache_key]
         out = self._get(key)
         if np.ndim(out) == 0:
             return out  # single voxels (the status line) would only push planes out
-        if len(self._cache) >= 6:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[cache_key] = out
+        with self._cache_lock:
+            if len(self._cache) >= 6:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[cache_key] = out
         return out
 
     def _get(self, key) -> np.ndarray:
@@ -118,6 +135,7 @@ class LazyImage:
         self.shape = (z, source.nchan, y, x)
         self.dtype = np.dtype(source.dtype)
         self._channels: dict[int, LazyArray3D] = {}
+        self._read_lock = threading.Lock()  # one file handle: one read at a time
 
     def __getitem__(self, key):
         if (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)
@@ -125,12 +143,69 @@ class LazyImage:
             c = int(key[1])
             if c not in self._channels:
                 def read(zs, ys, xs, c=c):
-                    return self.source.read(zs, ys, xs)[:, c]
+                    with self._read_lock:
+                        return self.source.read(zs, ys, xs)[:, c]
 
                 self._channels[c] = LazyArray3D(read, (self.shape[0],) + self.shape[2:],
                                                 self.dtype)
             return self._channels[c]
         raise IndexError("a lazy image is indexed by channel only: image[:, c]")
+
+
+class PlaneReader:
+    """Reads planes of lazy arrays on one background thread, so the GUI thread never waits
+    for the disk (an XZ plane of a large tiff touches every page of the file).
+
+    :meth:`plane` answers at once: the plane when it is in memory, else None after queueing
+    its read; ``on_ready()`` is called from the reading thread when a queued plane lands in
+    the array's cache (the window then redraws)."""
+
+    def __init__(self, on_ready: Callable[[], None]):
+        self._on_ready = on_ready
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cp3d-planes")
+        self._queued: set = set()
+        self._wanted: dict = {}  # (array, view) -> the plane the view shows next
+        self._lock = threading.Lock()
+
+    def plane(self, arr, view: str, pos: tuple[int, int, int]) -> Optional[np.ndarray]:
+        """``render.plane(arr, view, pos)`` if it needs no disk read, else None (queued)."""
+        if not is_lazy(arr):
+            return None if arr is None else plane(arr, view, pos)
+        key = plane_index(view, pos)
+        hit = arr.cached(key)
+        if hit is not None:
+            return orient(hit, view)
+        ident = (id(arr), LazyArray3D._normalize(key)[1])
+        with self._lock:
+            # scrolling asks for many planes: only the newest one of each view is still read
+            self._wanted[(id(arr), view)] = ident
+            if ident in self._queued:
+                return None
+            self._queued.add(ident)
+        self._pool.submit(self._read, arr, view, key, ident)
+        return None
+
+    def _read(self, arr, view: str, key, ident) -> None:
+        try:
+            with self._lock:
+                if self._wanted.get((id(arr), view)) != ident:
+                    return  # the cursor has moved on
+            arr[key]
+        except Exception as e:  # the view keeps its last plane; no redraw, so no retry loop
+            import logging
+
+            logging.getLogger("cp3d").warning("could not read a plane from disk: %s", e)
+            return
+        finally:
+            with self._lock:
+                self._queued.discard(ident)
+        try:
+            self._on_ready()
+        except RuntimeError:  # the window is gone
+            pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass

@@ -56,23 +56,30 @@ def log_file_path() -> Path:
 
 
 def setup_logging(panel: LogPanel | None = None, log_file: Path | None = None) -> Path | None:
-    """Attach the panel and a rotating log file to the "cp3d" logger; returns the file path."""
+    """Attach the panel and a rotating log file to the "cp3d" logger; returns the file path.
+
+    One log file per process: the one already open is kept unless ``log_file`` names
+    another (tests give each window its own)."""
     logger = logging.getLogger("cp3d")
     logger.setLevel(logging.DEBUG)
     if panel is not None and panel.handler not in logger.handlers:
         logger.addHandler(panel.handler)
     path = log_file if log_file is not None else log_file_path()
-    if not any(isinstance(h, logging.handlers.RotatingFileHandler) for h in logger.handlers):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.handlers.RotatingFileHandler(path, maxBytes=2_000_000, backupCount=2,
-                                                      encoding="utf-8")
-            fh.setFormatter(logging.Formatter(FORMAT))
-            fh.setLevel(logging.DEBUG)
-            logger.addHandler(fh)
-        except OSError as e:
-            logger.warning("cannot write the log file %s: %s", path, e)
-            return None
+    for h in [h for h in logger.handlers if isinstance(h, logging.handlers.RotatingFileHandler)]:
+        if log_file is None or Path(h.baseFilename) == Path(path).resolve():
+            return Path(h.baseFilename)
+        logger.removeHandler(h)
+        h.close()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.handlers.RotatingFileHandler(path, maxBytes=2_000_000, backupCount=2,
+                                                  encoding="utf-8")
+        fh.setFormatter(logging.Formatter(FORMAT))
+        fh.setLevel(logging.DEBUG)
+        logger.addHandler(fh)
+    except OSError as e:
+        logger.warning("cannot write the log file %s: %s", path, e)
+        return None
     return path
 
 

@@ -41,20 +41,30 @@ def label_colors(labels: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def plane_index(view: str, pos: tuple[int, int, int]) -> tuple:
+    """The index of :func:`plane`'s plane in a (Z, Y, X) array (before any transpose)."""
+    z, y, x = pos
+    if view == "xy":
+        return (z,)
+    if view == "xz":
+        return (slice(None), y)
+    if view == "yz":
+        return (slice(None), slice(None), x)
+    raise ValueError(view)
+
+
+def orient(plane2d: np.ndarray, view: str) -> np.ndarray:
+    """The plane ``vol[plane_index(view, pos)]`` as drawn (YZ is shown transposed)."""
+    return plane2d.T if view == "yz" else plane2d
+
+
 def plane(vol: np.ndarray, view: str, pos: tuple[int, int, int]) -> np.ndarray:
     """2D plane of a (Z, Y, X) array at cursor pos (z, y, x).
 
     Orientation matches the orthoview layout: "xy" -> (Y, X); "xz" -> (Z, X), drawn under
     the XY view so X lines up; "yz" -> (Y, Z), drawn right of the XY view so Y lines up.
     """
-    z, y, x = pos
-    if view == "xy":
-        return vol[z]
-    if view == "xz":
-        return vol[:, y, :]
-    if view == "yz":
-        return vol[:, :, x].T
-    raise ValueError(view)
+    return orient(vol[plane_index(view, pos)], view)
 
 
 def plane_to_voxel(view: str, row: int, col: int, pos: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -34,7 +34,7 @@ from . import render
 
 from .backend import Backend  # noqa: E402
 from .dialogs import AxesDialog  # noqa: E402
-from .lazy import is_lazy, lazy_labels, lazy_volume  # noqa: E402
+from .lazy import PlaneReader, is_lazy, lazy_labels, lazy_volume  # noqa: E402
 from .logpanel import LogPanel, detach_panel, setup_logging  # noqa: E402
 from .panels import DisplayPanel, SegmentationPanel  # noqa: E402
 from .slice_view import SliceView  # noqa: E402
@@ -79,6 +79,10 @@ class _ModelListBridge(QObject):
     listed = Signal(object, str)  # list of ModelInfo, error message
 
 
+class _PlanesBridge(QObject):
+    ready = Signal()  # emitted from the PlaneReader thread; received in the GUI thread
+
+
 class MainWindow(QMainWindow):
     """cp3d main window. ``backend`` gives access to cp3d.core (tests inject fakes)."""
 
@@ -88,6 +92,9 @@ class MainWindow(QMainWindow):
         self.backend = backend or Backend()
         self.settings = settings if settings is not None else QSettings("cp3d", "cp3d")
         self.state = AppState()
+        self._planes_bridge = _PlanesBridge(self)
+        self._planes_bridge.ready.connect(self._redraw)
+        self._planes = PlaneReader(self._planes_bridge.ready.emit)
         self.queue: list[Path] = []
         self.worker: SegmentWorker | None = None
         self.loader = None  # background file read in progress
@@ -1096,8 +1103,13 @@ class MainWindow(QMainWindow):
         names = ("xy",) if st.is_2d else ("xy", "xz", "yz")
         lo, hi = st.contrast
         for name in names:
-            gray = render.to_uint8(render.plane(chan, name, pos), lo, hi)
-            lab = render.plane(masks, name, pos) if masks is not None else None
+            # planes of volumes on disk are read by a background thread; until one is in
+            # memory the view keeps its last picture (it redraws when the plane lands)
+            image_plane = self._planes.plane(chan, name, pos)
+            lab = self._planes.plane(masks, name, pos) if masks is not None else None
+            if image_plane is None or (masks is not None and lab is None):
+                continue
+            gray = render.to_uint8(image_plane, lo, hi)
             rgb = render.compose(gray, lab, st.opacity, st.outlines, st.selection)
             v = self.views[name]
             v.cross = crosses[name] if not st.is_2d else None
@@ -1107,9 +1119,10 @@ class MainWindow(QMainWindow):
         self.xz.subtitle = f"y = {pos[1]}"
         self.yz.subtitle = f"x = {pos[2]}"
         self.z_label.setText(f"{pos[0] + 1} / {z}")
-        val = chan[pos]
+        xy = self._planes.plane(chan, "xy", pos)
+        value = "..." if xy is None else f"{xy[pos[1], pos[2]]:.4g}"
         lab = st.label_at(*pos)
-        self.pos_label.setText(f"(z, y, x) = {pos}   value {val:.4g}" + (f"   mask {lab}" if lab else ""))
+        self.pos_label.setText(f"(z, y, x) = {pos}   value {value}" + (f"   mask {lab}" if lab else ""))
 
     def _update_selection_label(self) -> None:
         st = self.state
@@ -1304,6 +1317,7 @@ class MainWindow(QMainWindow):
             event.ignore()
             return
         self._closing = True
+        self._planes.close()
         if self.labeling is not None:
             self.labeling.close()  # stops its prediction or training threads
         if self.worker is not None:
