@@ -93,6 +93,19 @@ def labeling_window(qtbot, folder, host=None, backend=None) -> LabelingWindow:
     return w
 
 
+def host_window(qtbot, tmp_path, model_name: str):
+    """The main window (no 3D view) with ``model_name`` chosen in its model box."""
+    from cp3d.app.window import MainWindow
+
+    host = MainWindow(backend=Backend(), settings=QSettings(str(tmp_path / "s.ini"),
+                                                            QSettings.IniFormat),
+                      log_file=tmp_path / "cp3d.log", enable_3d=False)
+    qtbot.addWidget(host)
+    qtbot.waitUntil(lambda: host.seg_panel.model.findData(model_name) >= 0, timeout=20_000)
+    host.seg_panel.model.setCurrentIndex(host.seg_panel.model.findData(model_name))
+    return host
+
+
 def mouse(widget, kind, pos: QPointF, button=Qt.LeftButton, buttons=Qt.LeftButton,
           modifiers=Qt.NoModifier) -> None:
     types = {"press": QEvent.MouseButtonPress, "move": QEvent.MouseMove,
@@ -235,15 +248,8 @@ def test_draw_undo_redo_autosave_and_tools(qtbot, tmp_path, sample):
 
 def test_predict_on_demand_with_the_current_model(qtbot, tmp_path, sample, monkeypatch):
     make_crops(tmp_path / "train", sample, n=1)
-    from cp3d.app.window import MainWindow
-
     monkeypatch.setenv("CP3D_USER_MODELS", str(tmp_path / "none"))
-    host = MainWindow(backend=Backend(), settings=QSettings(str(tmp_path / "s.ini"),
-                                                            QSettings.IniFormat),
-                      log_file=tmp_path / "cp3d.log", enable_3d=False)
-    qtbot.addWidget(host)
-    qtbot.waitUntil(lambda: host.seg_panel.model.findData("cp3d_nuclei") >= 0, timeout=20_000)
-    host.seg_panel.model.setCurrentIndex(host.seg_panel.model.findData("cp3d_nuclei"))
+    host = host_window(qtbot, tmp_path, "cp3d_nuclei")
     w = host.open_labeling(tmp_path / "train")
     qtbot.addWidget(w)
     assert w.doc.n_masks == 0
@@ -303,17 +309,11 @@ def test_train_selects_model_and_screenshots(qtbot, tmp_path, sample, models_dir
     """A short real training run from the labeling window, fine-tuning the bundled model:
     loss plot, AP before/after, the new model selected in the main window; screenshots."""
     from cp3d.app.main import dark_palette
-    from cp3d.app.window import MainWindow
 
     dark_palette(QApplication.instance())
     folder = tmp_path / "train"
     make_crops(folder, sample, n=5, with_masks=(0, 1, 2, 3, 4), labeled=(0, 1, 2, 3))
-    host = MainWindow(backend=Backend(), settings=QSettings(str(tmp_path / "s.ini"),
-                                                            QSettings.IniFormat),
-                      log_file=tmp_path / "cp3d.log", enable_3d=False)
-    qtbot.addWidget(host)
-    qtbot.waitUntil(lambda: host.seg_panel.model.findData("tinybase") >= 0, timeout=20_000)
-    host.seg_panel.model.setCurrentIndex(host.seg_panel.model.findData("tinybase"))
+    host = host_window(qtbot, tmp_path, "tinybase")
     host.seg_panel.diameter.setValue(16.0)
     w = host.open_labeling(folder)
     qtbot.addWidget(w)

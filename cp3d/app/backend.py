@@ -46,6 +46,12 @@ class Backend:
 
         return Path(seg_npy_path(image_path))
 
+    def masks_zarr_path(self, image_path) -> Path:
+        """Where blockwise labels go: NAME_cp_masks.zarr beside the image."""
+        from cp3d.core.io import masks_zarr_path
+
+        return Path(masks_zarr_path(image_path))
+
     def load_seg_npy(self, path) -> dict:
         from cp3d.core.io import load_seg_npy
 

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from PySide6.QtCore import QObject, QPointF, QRectF, Qt, Signal, Slot
+from PySide6.QtCore import QPointF, QRectF, Qt, Signal, Slot
 from PySide6.QtGui import QColor, QPainter, QPainterPath, QPen
 from PySide6.QtWidgets import (
     QComboBox,
@@ -35,9 +35,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from cp3d.core.cancel import CancelToken
-
-from .worker import start_worker
+from .worker import CancellableWorker, start_worker
 
 log = logging.getLogger("cp3d.app")
 
@@ -139,30 +137,18 @@ class LossPlot(QWidget):
         p.end()
 
 
-class TrainWorker(QObject):
+class TrainWorker(CancellableWorker):
     """Base AP, training, new AP, in a QThread. Signals are queued to the GUI thread."""
 
-    progress = Signal(str, float)
     epoch = Signal(int, float, object)  # epoch, train loss, validation loss or None
     evaluated = Signal(str, float)  # "base" / "new", mean AP@0.5 on the held-out crops
     succeeded = Signal(object)  # TrainResult
-    failed = Signal(str)
-    cancelled = Signal()
-    done = Signal()
 
     def __init__(self, backend, train_crops, val_crops, base, save_path: Path, settings: dict):
         super().__init__()
         self.backend = backend
         self.train_crops, self.val_crops = list(train_crops), list(val_crops)
         self.base, self.save_path, self.settings = base, Path(save_path), dict(settings)
-        self.token = CancelToken()
-
-    def cancel(self) -> None:
-        self.token.cancel()
-
-    def _progress(self, stage: str, fraction: float) -> None:
-        self.token.check()
-        self.progress.emit(stage, float(fraction))
 
     def _ap(self, model, pairs, params) -> float:
         """Mean AP@0.5 of ``model`` segmenting each held-out crop in 2D."""

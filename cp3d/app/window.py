@@ -63,11 +63,6 @@ READ_ONLY_MSG = ("Blockwise masks are read from NAME_cp_masks.zarr on disk: edit
 _STUCK_THREADS: list = []
 
 
-def masks_zarr_path(image_path: Path) -> Path:
-    """Where blockwise labels go: NAME_cp_masks.zarr beside the image."""
-    return Path(image_path).with_name(Path(image_path).stem + "_cp_masks.zarr")
-
-
 def _fmt_time(seconds: float) -> str:
     seconds = int(round(max(seconds, 0)))
     m, s = divmod(seconds, 60)
@@ -510,7 +505,7 @@ class MainWindow(QMainWindow):
         volume = lazy_volume(self.backend.open_lazy(path, z_axis=z_axis,
                                                     channel_axis=channel_axis))
         masks, note = None, ""
-        zpath = masks_zarr_path(path)
+        zpath = self.backend.masks_zarr_path(path)
         if zpath.exists():
             try:
                 masks = lazy_labels(zpath)
@@ -628,11 +623,17 @@ class MainWindow(QMainWindow):
         """A segmentation or a file read is in progress (new files wait in the queue)."""
         return self.worker is not None or self.loader is not None
 
-    def run_segmentation(self) -> None:
+    def _ready_for_a_run(self) -> bool:
+        """Nothing running and an image open (else say so in the status bar)."""
         if self.is_busy:
-            return
+            return False
         if self.state.image is None:
             self.statusBar().showMessage("Open an image first (drop a TIFF on the window)", 5000)
+            return False
+        return True
+
+    def run_segmentation(self) -> None:
+        if not self._ready_for_a_run():
             return
         if not self.confirm_discard():
             return
@@ -659,7 +660,7 @@ class MainWindow(QMainWindow):
         if not params.get("do_3D", True):
             log.warning("blockwise segmentation runs the 3D (2.5D) mode only")
         params["block_size"] = self.seg_panel.block_size.value()
-        out = masks_zarr_path(self.state.path)
+        out = self.backend.masks_zarr_path(self.state.path)
         self._run_weights = STAGES_BLOCKWISE
         log.info("segmenting %s blockwise (blocks of %s) with model %s into %s",
                  self.state.path.name, params["block_size"] or "auto", model or "default",
@@ -703,10 +704,7 @@ class MainWindow(QMainWindow):
 
     def estimate_diameter(self) -> None:
         """Estimate the cell diameter in the worker thread and fill the diameter box."""
-        if self.is_busy:
-            return
-        if self.state.image is None:
-            self.statusBar().showMessage("Open an image first (drop a TIFF on the window)", 5000)
+        if not self._ready_for_a_run():
             return
         if is_lazy(self.state.volume):
             self.statusBar().showMessage("A volume opened blockwise gets its diameter "
@@ -1102,14 +1100,14 @@ class MainWindow(QMainWindow):
         crosses = {"xy": (pos[1], pos[2]), "xz": (pos[0], pos[2]), "yz": (pos[1], pos[0])}
         names = ("xy",) if st.is_2d else ("xy", "xz", "yz")
         lo, hi = st.contrast
+        # planes of volumes on disk are read by a background thread; until one is in
+        # memory its view keeps its last picture (it redraws when the plane lands)
+        image_planes = {name: self._planes.plane(chan, name, pos) for name in names}
         for name in names:
-            # planes of volumes on disk are read by a background thread; until one is in
-            # memory the view keeps its last picture (it redraws when the plane lands)
-            image_plane = self._planes.plane(chan, name, pos)
             lab = self._planes.plane(masks, name, pos) if masks is not None else None
-            if image_plane is None or (masks is not None and lab is None):
+            if image_planes[name] is None or (masks is not None and lab is None):
                 continue
-            gray = render.to_uint8(image_plane, lo, hi)
+            gray = render.to_uint8(image_planes[name], lo, hi)
             rgb = render.compose(gray, lab, st.opacity, st.outlines, st.selection)
             v = self.views[name]
             v.cross = crosses[name] if not st.is_2d else None
@@ -1119,7 +1117,7 @@ class MainWindow(QMainWindow):
         self.xz.subtitle = f"y = {pos[1]}"
         self.yz.subtitle = f"x = {pos[2]}"
         self.z_label.setText(f"{pos[0] + 1} / {z}")
-        xy = self._planes.plane(chan, "xy", pos)
+        xy = image_planes["xy"]
         value = "..." if xy is None else f"{xy[pos[1], pos[2]]:.4g}"
         lab = st.label_at(*pos)
         self.pos_label.setText(f"(z, y, x) = {pos}   value {value}" + (f"   mask {lab}" if lab else ""))

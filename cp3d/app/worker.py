@@ -35,27 +35,18 @@ def overall_fraction(stage: str, fraction: float, weights: dict[str, float]) -> 
     return min(1.0, (before + weights[key] * fraction) / total)
 
 
-class CoreWorker(QObject):
-    """A long cp3d.core call in its own QThread, with progress and Cancel.
-
-    Subclasses implement ``work()`` returning (result, saved paths). Signals are queued to
-    the GUI thread, so slots there may touch widgets.
-    """
+class CancellableWorker(QObject):
+    """What every worker shares: progress, the end signals and a cancel token that core
+    functions check (``_progress`` is the core's progress callback and checks it too).
+    Subclasses add their own ``succeeded`` signal."""
 
     progress = Signal(str, float)  # stage, stage fraction
-    succeeded = Signal(object, object, float)  # result, saved paths, seconds
     failed = Signal(str)
     cancelled = Signal()
-    done = Signal()  # after any of the three above
+    done = Signal()  # after success, failure or cancel
 
-    what = "the task"
-
-    def __init__(self, backend, volume, model_name, params: dict):
+    def __init__(self):
         super().__init__()
-        self.backend = backend
-        self.volume = volume
-        self.model_name = model_name
-        self.params = dict(params)
         self.token = CancelToken()
 
     def cancel(self) -> None:
@@ -65,6 +56,25 @@ class CoreWorker(QObject):
     def _progress(self, stage: str, fraction: float) -> None:
         self.token.check()
         self.progress.emit(stage, float(fraction))
+
+
+class CoreWorker(CancellableWorker):
+    """A long cp3d.core call in its own QThread, with progress and Cancel.
+
+    Subclasses implement ``work()`` returning (result, saved paths). Signals are queued to
+    the GUI thread, so slots there may touch widgets.
+    """
+
+    succeeded = Signal(object, object, float)  # result, saved paths, seconds
+
+    what = "the task"
+
+    def __init__(self, backend, volume, model_name, params: dict):
+        super().__init__()
+        self.backend = backend
+        self.volume = volume
+        self.model_name = model_name
+        self.params = dict(params)
 
     def _model(self):
         self.progress.emit("model", 0.0)

@@ -635,8 +635,8 @@ def choose_block_size(shape: Sequence[int], halo: Sequence[int], rescale: float,
     """Core block size (Z, Y, X) that reads the fewest voxels in all (halos are read, and
     segmented, twice) while one block stays within ``budget`` bytes.
 
-    Blocks are equal along each axis (a volume of 1024 is cut 342+341+341, not 512+512+0), so
-    the largest block, an interior one, is the one checked against the budget."""
+    Blocks are as equal as multiples of 16 allow along each axis (1024 in three: 352+352+320),
+    so the largest block, an interior one, is the one checked against the budget."""
     best, best_cost = None, None
     counts = [range(1, max(1, math.ceil(n / min_block)) + 1) for n in shape]
     for cz in counts[0]:
@@ -1062,14 +1062,14 @@ def run_file_blockwise(path: Union[str, Path], args, model, params: dict,
 
 
 def _run_file(path: Path, args, model, params: dict, progress) -> list[Path]:
-    from .io import imwrite, masks_tif_path
+    from .io import imwrite, masks_tif_path, masks_zarr_path
 
-    folder = Path(args.savedir) if getattr(args, "savedir", None) else path.parent
+    savedir = getattr(args, "savedir", None) or None  # None: beside the image
     out = getattr(args, "out_zarr", None)
     if out is None:
-        out = folder / f"{path.stem}_cp_masks.zarr"
+        out = masks_zarr_path(path, savedir)
     elif getattr(args, "dir", None) is not None:
-        out = Path(out) / f"{path.stem}_cp_masks.zarr"  # one zarr per image of a folder
+        out = masks_zarr_path(path, out)  # one zarr per image of a folder
     if not params.get("do_3D", True):
         raise InputError("blockwise segmentation runs the 2.5D mode only "
                          "(no --stitch_threshold)", path)
@@ -1084,7 +1084,7 @@ def _run_file(path: Path, args, model, params: dict, progress) -> list[Path]:
     written = [result.zarr_path]
     if not getattr(args, "no_tif", False) and _labels_fit(result):
         src = open_lazy(path, z_axis=args.z_axis, channel_axis=args.channel_axis)
-        written.append(imwrite(masks_tif_path(path, folder), result.load(),
+        written.append(imwrite(masks_tif_path(path, savedir), result.load(),
                                voxel_size=src.voxel_size))
     elif not getattr(args, "no_tif", False):
         log.info("%s: labels too large for one tiff in memory; they are in %s", path.name, out)

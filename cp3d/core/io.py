@@ -433,6 +433,11 @@ def masks_tif_path(image_path: str | Path, savedir: Optional[str | Path] = None)
     return output_base(image_path, savedir).with_name(Path(image_path).stem + "_cp_masks.tif")
 
 
+def masks_zarr_path(image_path: str | Path, savedir: Optional[str | Path] = None) -> Path:
+    """Where blockwise labels go: ``NAME_cp_masks.zarr``."""
+    return output_base(image_path, savedir).with_name(Path(image_path).stem + "_cp_masks.zarr")
+
+
 def _short(err: Exception) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return text[:200]

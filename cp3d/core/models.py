@@ -21,12 +21,13 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from cp3d.resources import DEFAULT_MODEL  # defined there (no torch): the app reads it too
+
 from .errors import ModelError
 from .net import CPnet, architecture_from_state_dict
 
 log = logging.getLogger("cp3d")
 
-from cp3d.resources import DEFAULT_MODEL  # noqa: E402  (no torch: the app reads it too)
 #: suffixes tried after a bare model name (Cellpose's own model files have none)
 MODEL_SUFFIXES = (".pth", ".pt", "")
 _SIDECAR = ".json"
