@@ -51,6 +51,8 @@ def test_batch_goes_past_a_bad_file_and_reports_it(tmp_path, tiny_model, capsys)
     assert code == 1
     assert "broken.tif" in err and "not a readable TIFF" in err
     assert "segmented 1 of 2" in err
+    assert "\r" not in err  # not a terminal: no progress bar redraws, one line per file
+    assert f"{tmp_path / 'good.tif'}: " in err and " masks, diameter 30.0 px" in err
     masks = tifffile.imread(tmp_path / "good_cp_masks.tif")
     assert masks.shape == (8, 40, 40)
     dat = load_seg_npy(tmp_path / "good_seg.npy")

@@ -180,7 +180,10 @@ def _segment_main(args) -> int:
     done = 0
     t0 = time.perf_counter()
     for path in files:
+        # A live bar on a terminal; in a log file or a pipe (disable=None) its redraws would
+        # be hundreds of lines per file, so there a file gets one line when it is done.
         bar = tqdm(total=100, desc=path.name, unit="%", leave=True, file=sys.stderr,
+                   disable=None,
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         stages = ["normalize", "prediction YX", "prediction ZX", "prediction ZY", "dynamics"]
 
@@ -198,6 +201,8 @@ def _segment_main(args) -> int:
                                 path.name)
                 written = blockwise.run_file_blockwise(path, args, model, params, bar=bar)
                 log.info("wrote %s", ", ".join(str(w) for w in written))
+                if bar.disable:
+                    print(f"{path}: segmented blockwise: {written[0]}", file=sys.stderr)
                 done += 1
                 continue
             vol = read_volume(path, z_axis=args.z_axis, channel_axis=args.channel_axis)
@@ -211,6 +216,9 @@ def _segment_main(args) -> int:
             bar.set_description_str(f"{path.name}: {result.n_masks} masks")
             bar.close()
             log.info("wrote %s", ", ".join(str(w) for w in written))
+            if bar.disable:
+                print(f"{path}: {result.n_masks} masks, diameter {result.diameter:.1f} px, "
+                      f"{result.seconds['total']:.1f} s", file=sys.stderr)
             done += 1
         except Cp3dError as err:
             bar.close()
