@@ -58,6 +58,7 @@ def test_blockwise_checkbox_runs_blocks_and_shows_zarr(qtbot, tmp_path, core):
     out = tmp_path / "big_cp_masks.zarr"
     assert out.exists() and not (tmp_path / "big_cp_masks_blockwise").exists()
     on_disk = np.asarray(zarr.open_array(str(out), mode="r")[...])
+    assert zarr.open_array(str(out), mode="r").attrs["n_masks"] == int(on_disk.max())
     assert isinstance(w.state.masks, LazyArray3D) and w.state.masks_read_only
     z = int(np.argmax((on_disk > 0).sum(axis=(1, 2))))
     w.state.set_position(z=z)
@@ -172,6 +173,42 @@ def test_planes_of_a_slow_disk_never_block_the_gui_thread(qtbot, tmp_path, core,
     assert time.perf_counter() - t0 < 2.5
     assert f"value {img[tuple(w.state.position)]:.4g}" in w.pos_label.text() \
         or "value ..." in w.pos_label.text()
+
+
+def test_whole_file_reads_stay_off_the_gui_thread(qtbot, tmp_path, core, monkeypatch):
+    """Reopening a large volume with the labels of an earlier blockwise run: the subsamples
+    of the whole files (contrast, 3D view, mask count) are read by the loader thread; the GUI
+    thread reads only planes."""
+    import threading
+
+    backend, _ = core
+    monkeypatch.setattr(backend, "would_fit_in_memory", lambda *a, **k: False)
+    path, img = big_blobs(tmp_path, "reopen.tif")
+    labels = np.zeros(SHAPE, np.uint16)
+    for k, (z, y, x) in enumerate(CENTERS):
+        labels[z - 3:z + 3, y - 5:y + 5, x - 5:x + 5] = k + 1
+    zarr.open_array(str(backend.masks_zarr_path(path)), mode="w", shape=SHAPE,
+                    chunks=(8, 32, 32), dtype=np.uint16)[...] = labels  # no n_masks attribute
+    in_gui = []
+    real_get = LazyArray3D._get
+
+    def get(self, key):  # a key of three slices reads a 3D box: the preview of a whole file
+        box = all(isinstance(k, slice) for k in key)
+        if box and threading.current_thread() is threading.main_thread():
+            in_gui.append(key)
+        return real_get(self, key)
+
+    monkeypatch.setattr(LazyArray3D, "_get", get)
+    w = make_window(qtbot, tmp_path, backend, autorun=False, enable_3d=True)
+    w.open_paths([path])
+    qtbot.waitUntil(lambda: w.state.masks is not None and not w.is_busy, timeout=10_000)
+    assert w.errors == []
+    assert "4 masks" in w.selection_label.text()
+    if w.view3d is not None:
+        assert w.view3d._masks_small is not None and w.view3d._masks_small.max() == 4
+    lo, hi = w.state.contrast
+    assert lo < hi <= img.max()
+    assert in_gui == []
 
 
 def test_lazy_array_indexing_matches_numpy():

@@ -39,8 +39,14 @@ class LazyArray3D:
     lazy = True
 
     def __init__(self, read: Callable[[slice, slice, slice], np.ndarray], shape: tuple,
-                 dtype, n_labels: Optional[int] = None):
+                 dtype, n_labels: Optional[int] = None,
+                 read_strided: Optional[Callable[[slice, slice, slice], np.ndarray]] = None):
         self._read = read
+        # A store that reads stepped slices itself (zarr) does it chunk by chunk: plane by
+        # plane, every plane would decompress its chunks' full depth again (38 s, not 2.4 s,
+        # for the preview of 512x1024x1024 labels in 64^3 chunks).
+        self._read_strided = read_strided
+        self._previews: dict = {}
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
         self.n_labels = n_labels  # labels: the largest id, known from the run
@@ -100,6 +106,9 @@ class LazyArray3D:
         zs, ys, xs = unit
         if strides == [1, 1, 1]:
             out = np.asarray(self._read(zs, ys, xs))
+        elif self._read_strided is not None:
+            out = np.asarray(self._read_strided(*(slice(u.start, u.stop, st)
+                                                  for u, st in zip(unit, strides))))
         else:
             planes = [np.asarray(self._read(slice(z, z + 1), ys, xs))[0, ::strides[1], ::strides[2]]
                       for z in range(zs.start, zs.stop, strides[0])]
@@ -110,9 +119,17 @@ class LazyArray3D:
             else out
 
     def preview(self, max_voxels: int = PREVIEW_MAX_VOXELS) -> np.ndarray:
-        """A strided subsample of at most ``max_voxels`` (contrast, 3D view)."""
-        s = preview_steps(self.shape, max_voxels)
-        return self[::s[0], ::s[1], ::s[2]]
+        """A strided subsample of at most ``max_voxels`` (contrast, 3D view), kept once read:
+        it touches the whole file, so the loader thread reads it before the GUI asks."""
+        with self._cache_lock:
+            hit = self._previews.get(max_voxels)
+        if hit is None:
+            s = preview_steps(self.shape, max_voxels)
+            hit = self._get((slice(None, None, s[0]), slice(None, None, s[1]),
+                             slice(None, None, s[2])))
+            with self._cache_lock:
+                self._previews[max_voxels] = hit
+        return hit
 
     def max(self) -> int:
         """Largest label id: the run's count when known, else the preview's maximum."""
@@ -240,4 +257,10 @@ def lazy_labels(zarr_path, n_labels: Optional[int] = None) -> LazyArray3D:
     arr = zarr.open_array(str(zarr_path), mode="r")
     if arr.ndim != 3:
         raise ValueError(f"{zarr_path}: labels have {arr.ndim} dimensions, expected 3")
-    return LazyArray3D(lambda zs, ys, xs: arr[zs, ys, xs], arr.shape, arr.dtype, n_labels)
+    if n_labels is None and "n_masks" in arr.attrs:  # written by the blockwise run
+        n_labels = int(arr.attrs["n_masks"])
+
+    def read(zs, ys, xs):
+        return arr[zs, ys, xs]
+
+    return LazyArray3D(read, arr.shape, arr.dtype, n_labels, read_strided=read)

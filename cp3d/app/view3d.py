@@ -109,10 +109,10 @@ class View3D:
             self.shape = self._image_small = self._masks_small = None
             self.canvas.update()
             return
-        if getattr(data, "lazy", False):  # on disk: a small strided read (at most 128^3)
-            from .lazy import PREVIEW_MAX_VOXELS
+        if getattr(data, "lazy", False):  # on disk: its preview (at most 128^3, read once)
+            from .lazy import preview_steps
 
-            small, steps = downsample_for_3d(data, max_voxels=PREVIEW_MAX_VOXELS)
+            small, steps = data.preview(), preview_steps(data.shape)
         else:
             small, steps = downsample_for_3d(data)
         small = small.astype(np.float32, copy=False)
@@ -154,7 +154,10 @@ class View3D:
             self.canvas.update()
             return
         s = self.steps
-        small = np.ascontiguousarray(masks[:: s[0], :: s[1], :: s[2]])
+        if getattr(masks, "lazy", False):  # same shape as the image: same steps, read once
+            small = np.ascontiguousarray(masks.preview())
+        else:
+            small = np.ascontiguousarray(masks[:: s[0], :: s[1], :: s[2]])
         if reshade or self._shading is None or self._shading.shape != small.shape:
             self._shading = label_shading(small, self.anisotropy * s[0] / s[1])
         self._masks_small = small

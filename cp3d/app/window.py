@@ -515,6 +515,12 @@ class MainWindow(QMainWindow):
                     note = f"showing the blockwise labels of {zpath}"
             except Exception as e:
                 note = f"could not open {zpath}: {self._message(e)}"
+        # The contrast and the 3D view need a subsample of the whole file: read it here, not
+        # in the GUI thread (1 s for a 1 GB tiff, 2.4 s for its labels' zarr).
+        for c in range(volume.data.shape[1]):
+            volume.data[:, c].preview()
+        if masks is not None:
+            masks.preview()
         return volume, masks, None, note
 
     def _loader_finished(self) -> None:
@@ -668,11 +674,11 @@ class MainWindow(QMainWindow):
         worker = BlockwiseWorker(self.backend, self.state.volume, model, params, out)
         self._start(worker, self._on_blockwise_succeeded, "Blockwise segmentation")
 
-    def _on_blockwise_succeeded(self, result, paths, seconds: float) -> None:
+    def _on_blockwise_succeeded(self, run, paths, seconds: float) -> None:
+        result, masks = run  # the worker opened the labels and read their 3D preview
         if self._run_volume is not self.state.volume:
             return
         try:
-            masks = lazy_labels(result.zarr_path, int(result.n_masks))
             self.state.set_masks(masks, dirty=False)
         except Exception as e:
             self.show_error(self._message(e, f"{result.zarr_path}: cannot show: "))

@@ -172,7 +172,11 @@ class BlockwiseWorker(CoreWorker):
                                                 progress=self._blocks, cancel=self.token, **kw)
         # the labels are written: a Cancel pressed during the merge comes too late to undo it
         self.token = CancelToken()
-        return result, [Path(result.zarr_path)]
+        from .lazy import lazy_labels
+
+        masks = lazy_labels(result.zarr_path, int(result.n_masks))
+        masks.preview()  # the 3D view's subsample of the whole zarr: read here, not in the GUI
+        return (result, masks), [Path(result.zarr_path)]
 
 
 class DiameterWorker(CoreWorker):

@@ -887,8 +887,9 @@ def segment_blockwise(
     tmp = out_zarr.with_name(f".{out_zarr.name}.{uuid.uuid4().hex[:8]}.part")
     import zarr
 
-    zarr.open_array(str(tmp), mode="w", shape=shape, chunks=output_chunks(bs, shape),
-                    dtype=dtype, fill_value=0)
+    out = zarr.open_array(str(tmp), mode="w", shape=shape, chunks=output_chunks(bs, shape),
+                          dtype=dtype, fill_value=0)
+    out.attrs["n_masks"] = int(n_final)  # a viewer knows the count without reading the labels
     try:
         _run_tasks(_FinalTask(str(scratch), str(tmp)), list(zip(blocks, luts)), dask_scheduler,
                    1 if not dask_scheduler else n_workers, None, None, None)
