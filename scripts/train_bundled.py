@@ -112,15 +112,19 @@ def main() -> None:
             diam_mean=float(net.diam_mean.item()), diam_labels=float(net.diam_labels.item())))
         net.train()
 
+    last_test = {"loss": None}  # held-out loss is measured every 5 epochs, saves fall between
+
     def on_epoch(epoch, train_loss, test_loss):
         lr = lr_at(epoch)
+        if test_loss is not None:
+            last_test["loss"] = test_loss
         print(f"epoch {epoch:4d} train {train_loss:.4f} test "
               f"{'-' if test_loss is None else f'{test_loss:.4f}'} lr {lr:.2e} "
               f"{(time.time() - t0) / 60:.1f} min", flush=True)
         state_file.write_text(json.dumps({"elapsed": time.time() - t_train}))
         done = fraction() >= 1.0
         if done or epoch % args.save_every == args.save_every - 1:
-            save(epoch, train_loss, test_loss, final=done)
+            save(epoch, train_loss, last_test["loss"], final=done)
         if done:
             cancel.cancel()
 
