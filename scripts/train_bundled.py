@@ -35,13 +35,22 @@ from cp3d.core.train import train, volume_slices
 TEST_SEEDS = range(2000, 2006)
 
 
-def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3):
+SMALL_SEEDS_FROM = 500  # extra small-object volumes: seeds 500.., never used for evaluation
+
+
+def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diameters=None):
     """Training planes of the random volumes of ``seeds``. Cells: every other volume has a
-    nuclear channel, given as the second input (chan=1, chan2=2); the others are grayscale."""
+    nuclear channel, given as the second input (chan=1, chan2=2); the others are grayscale.
+    ``diameters`` (lo, hi): draw each volume's diameter log-uniformly there instead."""
     samples, meta = [], []
     for seed in seeds:
         two = kind == "cells" and seed % 2 == 0
-        img, lab, m = random_volume(seed, kind, nuclear_channel=two, dtype=np.uint16)
+        d = None
+        if diameters:
+            lo, hi = np.log(diameters[0]), np.log(diameters[1])
+            d = float(np.exp(np.random.default_rng([seed, 7]).uniform(lo, hi)))
+        img, lab, m = random_volume(seed, kind, diameter=d, nuclear_channel=two,
+                                    dtype=np.uint16)
         samples += volume_slices(img, lab, m["anisotropy"], n_per_axis=n_per_axis, seed=seed,
                                  source=f"synth-{kind}{seed}", min_objects=min_objects,
                                  nchan=nchan, chan=1 if two else 0, chan2=2 if two else 0)
@@ -59,6 +68,9 @@ def main() -> None:
                     help="synthetic data: touching nuclei, or membrane/cyto-stained cells")
     ap.add_argument("--n_volumes", type=int, default=96)
     ap.add_argument("--n_per_axis", type=int, default=6)
+    ap.add_argument("--n_small", type=int, default=0,
+                    help="extra volumes (seeds 500..) of small objects, diameter in --small_range")
+    ap.add_argument("--small_range", type=float, nargs=2, default=[8.0, 14.0])
     ap.add_argument("--nbase", type=int, nargs="+", default=[2, 16, 32, 64, 128])
     ap.add_argument("--bsize", type=int, default=160)
     ap.add_argument("--lr", type=float, default=0.002)
@@ -75,6 +87,11 @@ def main() -> None:
     t0 = time.time()
     nchan = args.nbase[0]
     samples, vols = build_samples(range(args.n_volumes), args.n_per_axis, nchan, args.kind)
+    if args.n_small:
+        small, small_vols = build_samples(
+            range(SMALL_SEEDS_FROM, SMALL_SEEDS_FROM + args.n_small), args.n_per_axis, nchan,
+            args.kind, diameters=args.small_range)
+        samples, vols = samples + small, vols + small_vols
     test, _ = build_samples(TEST_SEEDS, 2, nchan, args.kind)
     print(f"{len(samples)} training planes from {len(vols)} volumes, {len(test)} held-out, "
           f"{time.time() - t0:.0f} s", flush=True)
@@ -108,7 +125,10 @@ def main() -> None:
             train_loss=train_loss, test_loss=test_loss, nbase=args.nbase, bsize=args.bsize,
             lr=args.lr, init=args.init, minutes=round((time.time() - t0) / 60, 1),
             data=f"synthetic {args.kind} volumes (cp3d.core.synth.random_volume), seeds "
-                 f"0-{args.n_volumes - 1}, {len(samples)} planes in YX/ZY/ZX",
+                 f"0-{args.n_volumes - 1}" + (
+                     f" + {args.n_small} small ({args.small_range[0]:g}-{args.small_range[1]:g} "
+                     f"px, seeds {SMALL_SEEDS_FROM}-{SMALL_SEEDS_FROM + args.n_small - 1})"
+                     if args.n_small else "") + f", {len(samples)} planes in YX/ZY/ZX",
             diam_mean=float(net.diam_mean.item()), diam_labels=float(net.diam_labels.item())))
         net.train()
 
