@@ -10,7 +10,8 @@ whole volume, and given to every block, so all blocks normalize alike.
 Each block keeps its labels inside its core (numbered 1..n), plus two thin slabs per face: its
 own labels just inside the face (``edge``) and its labels just beyond the face, in the
 neighbour's core (``margin``). Merging compares, on each face, one block's margin with the
-other's edge: label pairs that share most of their voxels there are the same cell. Connected
+other's edge: two labels are the same cell when each is the other's best partner there and
+they share more than half of the smaller one's voxels. Connected
 components of that label graph give the final labels, so a cell cut by a block face comes out
 whole; pieces left smaller than ``min_size`` voxels in all are dropped.
 
@@ -486,8 +487,9 @@ def run_block(block: Block, job: Job, cancel: Optional[CancelToken] = None) -> i
 
 
 def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Label pairs (a, b) of two co-registered slabs that are one object: they share more than
-    MATCH_FRACTION of the smaller one's voxels in the slab. Returns (K, 2) local labels."""
+    """Label pairs (a, b) of two co-registered slabs that are one object: each is the other's
+    best partner (most shared voxels) and they share more than MATCH_FRACTION of the smaller
+    one's voxels in the slab. Returns (K, 2) local labels."""
     a = a.ravel().astype(np.int64)
     b = b.ravel().astype(np.int64)
     both = (a > 0) & (b > 0)
@@ -498,6 +500,14 @@ def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     keys, counts = np.unique(a[both] * (int(b.max()) + 1) + b[both], return_counts=True)
     pa, pb = keys // (int(b.max()) + 1), keys % (int(b.max()) + 1)
     keep = counts > MATCH_FRACTION * np.minimum(size_a[pa], size_b[pb])
+    # each label joins only its own best partner, and only if it is that partner's best too:
+    # a label that one block sees spanning two cells must not bridge them into one
+    best_a = np.zeros(int(a.max()) + 1, np.int64)
+    best_b = np.zeros(int(b.max()) + 1, np.int64)
+    order = np.argsort(counts, kind="stable")  # ascending: the largest share is written last
+    best_a[pa[order]] = pb[order]
+    best_b[pb[order]] = pa[order]
+    keep &= (best_a[pa] == pb) & (best_b[pb] == pa)
     return np.stack([pa[keep], pb[keep]], axis=1)
 
 
