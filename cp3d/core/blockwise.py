@@ -11,9 +11,9 @@ Each block keeps its labels inside its core (numbered 1..n), plus two thin slabs
 own labels just inside the face (``edge``) and its labels just beyond the face, in the
 neighbour's core (``margin``). Merging compares, on each face, one block's margin with the
 other's edge: two labels are the same cell when each is the other's best partner there and
-they share more than half of the smaller one's voxels. Connected
-components of that label graph give the final labels, so a cell cut by a block face comes out
-whole; pieces left smaller than ``min_size`` voxels in all are dropped.
+they share more than half of the smaller one's voxels. Connected components of that label
+graph give the final labels, so a cell cut by a block face comes out whole; pieces left smaller
+than ``min_size`` voxels in all are dropped.
 
 Restart: every finished block writes its core labels into ``blocks.zarr`` in a scratch folder
 and then, atomically, a marker file with its face slabs. A rerun with the same input and
