@@ -486,6 +486,16 @@ def run_block(block: Block, job: Job, cancel: Optional[CancelToken] = None) -> i
 # --------------------------------------------------------------------------- merging
 
 
+def _best_partner(own: np.ndarray, other: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
+    """For each label 0..n-1 of ``own``, the ``other`` label it shares most voxels with (0 for
+    none) over the overlap pairs (own, other, counts); ties go to the pair listed first."""
+    order = np.lexsort((counts, own))  # by label, then share ascending: a group's last is best
+    last = np.flatnonzero(np.append(own[order][1:] != own[order][:-1], True))
+    best = np.zeros(n, np.int64)
+    best[own[order][last]] = other[order][last]  # one write per label
+    return best
+
+
 def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Label pairs (a, b) of two co-registered slabs that are one object: each is the other's
     best partner (most shared voxels) and they share more than MATCH_FRACTION of the smaller
@@ -497,17 +507,13 @@ def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.zeros((0, 2), np.int64)
     size_a = np.bincount(a)
     size_b = np.bincount(b)
-    keys, counts = np.unique(a[both] * (int(b.max()) + 1) + b[both], return_counts=True)
-    pa, pb = keys // (int(b.max()) + 1), keys % (int(b.max()) + 1)
+    keys, counts = np.unique(a[both] * len(size_b) + b[both], return_counts=True)
+    pa, pb = keys // len(size_b), keys % len(size_b)
     keep = counts > MATCH_FRACTION * np.minimum(size_a[pa], size_b[pb])
-    # each label joins only its own best partner, and only if it is that partner's best too:
-    # a label that one block sees spanning two cells must not bridge them into one
-    best_a = np.zeros(int(a.max()) + 1, np.int64)
-    best_b = np.zeros(int(b.max()) + 1, np.int64)
-    order = np.argsort(counts, kind="stable")  # ascending: the largest share is written last
-    best_a[pa[order]] = pb[order]
-    best_b[pb[order]] = pa[order]
-    keep &= (best_a[pa] == pb) & (best_b[pb] == pa)
+    # mutual best partners only: a label that one block sees spanning two cells must not
+    # bridge them into one
+    keep &= _best_partner(pa, pb, counts, len(size_a))[pa] == pb
+    keep &= _best_partner(pb, pa, counts, len(size_b))[pb] == pa
     return np.stack([pa[keep], pb[keep]], axis=1)
 
 
