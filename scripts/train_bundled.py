@@ -29,7 +29,7 @@ from cp3d.core.cancel import CancelToken
 from cp3d.core.errors import Cancelled
 from cp3d.core.models import load_model, save_model
 from cp3d.core.net import CPnet
-from cp3d.core.synth import random_volume
+from cp3d.core.synth import _loguniform, random_volume
 from cp3d.core.train import train, volume_slices
 
 TEST_SEEDS = range(2000, 2006)
@@ -45,10 +45,7 @@ def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diamet
     samples, meta = [], []
     for seed in seeds:
         two = kind == "cells" and seed % 2 == 0
-        d = None
-        if diameters:
-            lo, hi = np.log(diameters[0]), np.log(diameters[1])
-            d = float(np.exp(np.random.default_rng([seed, 7]).uniform(lo, hi)))
+        d = _loguniform(np.random.default_rng([seed, 7]), *diameters) if diameters else None
         img, lab, m = random_volume(seed, kind, diameter=d, nuclear_channel=two,
                                     dtype=np.uint16)
         samples += volume_slices(img, lab, m["anisotropy"], n_per_axis=n_per_axis, seed=seed,
@@ -92,6 +89,13 @@ def main() -> None:
             range(SMALL_SEEDS_FROM, SMALL_SEEDS_FROM + args.n_small), args.n_per_axis, nchan,
             args.kind, diameters=args.small_range)
         samples, vols = samples + small, vols + small_vols
+    data = f"synthetic {args.kind} volumes (cp3d.core.synth.random_volume), seeds " \
+           f"0-{args.n_volumes - 1}"
+    if args.n_small:
+        lo, hi = args.small_range
+        data += f" + {args.n_small} small ({lo:g}-{hi:g} px, seeds {SMALL_SEEDS_FROM}-" \
+                f"{SMALL_SEEDS_FROM + args.n_small - 1})"
+    data += f", {len(samples)} planes in YX/ZY/ZX"
     test, _ = build_samples(TEST_SEEDS, 2, nchan, args.kind)
     print(f"{len(samples)} training planes from {len(vols)} volumes, {len(test)} held-out, "
           f"{time.time() - t0:.0f} s", flush=True)
@@ -124,11 +128,7 @@ def main() -> None:
             iterations=(epoch + 1) * math.ceil(args.nimg_per_epoch / 8),
             train_loss=train_loss, test_loss=test_loss, nbase=args.nbase, bsize=args.bsize,
             lr=args.lr, init=args.init, minutes=round((time.time() - t0) / 60, 1),
-            data=f"synthetic {args.kind} volumes (cp3d.core.synth.random_volume), seeds "
-                 f"0-{args.n_volumes - 1}" + (
-                     f" + {args.n_small} small ({args.small_range[0]:g}-{args.small_range[1]:g} "
-                     f"px, seeds {SMALL_SEEDS_FROM}-{SMALL_SEEDS_FROM + args.n_small - 1})"
-                     if args.n_small else "") + f", {len(samples)} planes in YX/ZY/ZX",
+            data=data,
             diam_mean=float(net.diam_mean.item()), diam_labels=float(net.diam_labels.item())))
         net.train()
 
