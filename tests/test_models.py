@@ -223,3 +223,18 @@ def test_metadata_sidecar_is_json(tmp_path):
     path = save_model(small_net(), tmp_path / "m.pth", metadata={"path": tmp_path, "n": 1})
     assert json.loads((tmp_path / "m.pth.json").read_text()) == {"path": str(tmp_path), "n": 1}
     assert read_metadata(path)["n"] == 1
+
+
+def test_cellprob_shift_makes_threshold_zero_act_as_the_chosen_one():
+    from cp3d.core.inference import predict_3d
+
+    net = small_net(seed=3)
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0, 1, (2, 6, 24, 24)).astype(np.float32)
+    dP0, cp0 = predict_3d(net, vol, torch.device("cpu"), anisotropy=2.0)
+    shift = models.shift_cellprob_threshold(net, -1.5)
+    dP1, cp1 = predict_3d(net, vol, torch.device("cpu"), anisotropy=2.0)
+    assert shift == pytest.approx(0.5)
+    np.testing.assert_allclose(cp1, cp0 + 1.5, atol=1e-4)  # 3 views, each +0.5
+    np.testing.assert_allclose(dP1, dP0, atol=1e-6)
+    assert ((cp1 > 0) == (cp0 > -1.5)).mean() > 0.9999

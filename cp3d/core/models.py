@@ -278,3 +278,19 @@ def save_model(net: CPnet, path: Union[str, Path], metadata: Optional[dict] = No
     elif side.exists():  # it described the model this file replaced
         side.unlink()
     return path
+
+
+# -------------------------------------------------------------------------------- calibration
+
+N_VIEWS_3D = 3  # YX, ZY, ZX: the 2.5D cell probability is the sum of the three views' logits
+
+
+def shift_cellprob_threshold(net: CPnet, threshold: float) -> float:
+    """Make ``cellprob_threshold=0`` in 3D act as ``threshold`` did, by raising the bias of the
+    cell-probability logit by ``-threshold / 3`` (in 2D that acts as a threshold of
+    ``threshold / 3``). Why: a model that is too shy on dim objects is mended once, in its
+    weights, so users keep Cellpose's default threshold. Returns the bias shift."""
+    shift = -float(threshold) / N_VIEWS_3D
+    with torch.no_grad():
+        net.output[2].bias[2] += shift
+    return shift
