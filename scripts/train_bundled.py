@@ -4,7 +4,8 @@
 
 Data: random nuclei volumes (cp3d.core.synth.random_nuclei_volume, seeds 0..n_volumes-1:
 diameter 8-40 px, anisotropy 1-4, SNR 1.5-60, blur, background, density drawn at random), cut
-into YX, ZY and ZX planes with Z resampled by the anisotropy. Held-out loss: seeds 2000-2005.
+into YX, ZY and ZX planes with Z resampled by the anisotropy. Held-out loss: seeds 2000-2005;
+validation for scripts/calibrate_cellprob.py: seeds 900..
 Evaluation (bench/quality.py) uses seeds >= 1000, never trained on.
 
 Without a GPU the recipe is sized to the time budget: a smaller network (nbase 2-16-32-64-128,
