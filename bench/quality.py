@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cp3d.core.evaluate import THRESHOLDS, Score, format_table, score_masks
-from cp3d.core.io import read_volume, volume_from_array
+from cp3d.core.evaluate import THRESHOLDS, Score, format_table, score_masks, synthetic_case
+from cp3d.core.io import read_volume
 from cp3d.core.models import load_model
 from cp3d.core.pipeline import segment
-from cp3d.core.synth import random_volume
 from cp3d.resources import SAMPLE_DIR
 
 
@@ -53,11 +52,8 @@ def main() -> None:
     model = load_model(args.model)
     given, estimated = [], []
     for seed in range(args.first_seed, args.first_seed + args.n_synth):
-        two = args.kind == "cells" and seed % 2 == 0
-        img, gt, meta = random_volume(seed, args.kind, nuclear_channel=two, dtype=np.uint16)
-        vol = volume_from_array(img, z_axis=0 if two else None, channel_axis=1 if two else None)
-        kw = dict(chan=1, chan2=2) if two else {}
-        name = f"{args.kind}{seed}{' +nuc' if two else ''}"
+        vol, gt, meta, kw = synthetic_case(seed, args.kind)
+        name = f"{args.kind}{seed}{' +nuc' if kw else ''}"
         given.append(run(f"{name} given", vol, gt, model, meta["diameter"],
                          meta["anisotropy"], **kw))
         estimated.append(run(f"{name} estimated", vol, gt, model, None, meta["anisotropy"],

@@ -26,11 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from cp3d.core import dynamics
-from cp3d.core.evaluate import score_masks
-from cp3d.core.io import volume_from_array
+from cp3d.core.evaluate import score_masks, synthetic_case
 from cp3d.core.models import load_model, read_metadata, save_model, shift_cellprob_threshold
 from cp3d.core.pipeline import segment
-from cp3d.core.synth import random_volume
 
 VALIDATION_SEEDS_FROM = 900  # training: 0..95 and 500..595; held-out loss 2000..; evaluation 1000..
 GRID = (0.5, 0.0, -0.5, -1.0, -1.5, -2.0, -2.5, -3.0)
@@ -40,10 +38,7 @@ def validation_scores(model, kind: str, seeds, grid=GRID, log=print) -> np.ndarr
     """AP@0.5 of each validation volume (rows) at each threshold of ``grid`` (columns)."""
     rows = []
     for seed in seeds:
-        two = kind == "cells" and seed % 2 == 0
-        img, gt, meta = random_volume(seed, kind, nuclear_channel=two, dtype=np.uint16)
-        vol = volume_from_array(img, z_axis=0 if two else None, channel_axis=1 if two else None)
-        kw = dict(chan=1, chan2=2) if two else {}
+        vol, gt, meta, kw = synthetic_case(seed, kind)
         result = segment(vol, model, diameter=meta["diameter"], anisotropy=meta["anisotropy"],
                          **kw)
         row = []
