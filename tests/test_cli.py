@@ -12,7 +12,8 @@ FLAGS = ["--image_path", "--dir", "--look_one_level_down", "--img_filter", "--z_
          "--channel_axis", "--chan", "--chan2", "--do_3D", "--stitch_threshold", "--anisotropy",
          "--diameter", "--flow3D_smooth", "--min_size", "--cellprob_threshold", "--niter",
          "--pretrained_model", "--use_gpu", "--batch_size", "--savedir", "--save_tif",
-         "--no_npy", "--verbose", "--invert", "--all_channels", "--sharpen_radius", "--tile_norm"]
+         "--no_npy", "--verbose", "--invert", "--all_channels", "--sharpen_radius", "--tile_norm",
+         "--augment"]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,19 @@ def test_usage_errors_exit_2(tmp_path):
     with pytest.raises(SystemExit) as info:
         cli.main(["--image_path", "x.tif", "--flow3D_smooth", "1,2"])
     assert info.value.code == 2
+
+
+def test_augment_flag_reaches_the_pipeline_and_the_seg_file(tmp_path, tiny_model):
+    _stack(tmp_path / "a.tif")
+    args = ["--image_path", str(tmp_path / "a.tif"), "--pretrained_model", str(tiny_model),
+            "--diameter", "30", "--cellprob_threshold", "-8"]
+    assert cli.main(args) == 0
+    plain = load_seg_npy(tmp_path / "a_seg.npy")
+    assert cli.main(args + ["--augment"]) == 0
+    dat = load_seg_npy(tmp_path / "a_seg.npy")
+    assert dat["cp3d_params"]["augment"] is True and plain["cp3d_params"]["augment"] is False
+    # a random network is not flip-equivariant: averaging its flipped predictions changes them
+    assert not np.allclose(dat["flows"][4], plain["flows"][4])
 
 
 def test_bundled_sample_with_no_other_flag_gives_sensible_masks(tmp_path):

@@ -150,3 +150,34 @@ def test_default_diameter_is_estimated_from_the_image():
     assert result.params["diameter_estimated"] and result.diameter == pytest.approx(estimate)
     ap, *_ = average_precision(gt, result.masks, thresholds=(0.5,))
     assert ap[0] >= 0.8, ap
+
+
+def test_augment_averages_flipped_predictions_with_flows_negated():
+    """A flip-equivariant network gives the same answer with and without ``augment``; a
+    constant flow (not equivariant) averages out, since each flipped axis negates it."""
+    from cp3d.core.inference import run_net
+
+    img, gt = spheres(shape=(32, 48, 48), radius=5.0, n=5)
+    model = model_for(img)
+    plain = segment(volume_from_array(img), model, diameter=30.0)
+    augmented = segment(volume_from_array(img), model, diameter=30.0, augment=True)
+    np.testing.assert_allclose(augmented.dP, plain.dP, atol=1e-4)
+    np.testing.assert_allclose(augmented.cellprob, plain.cellprob, atol=1e-3)
+    ap, *_ = average_precision(gt, augmented.masks, thresholds=(0.5,))
+    assert ap[0] >= 0.99 and augmented.params["augment"] is True
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            n, _, h, w = x.shape
+            out = torch.ones(n, 3, h, w)
+            out[:, 0, : h // 2] = 3.0  # not symmetric in H either
+            return out, None
+
+    batch = np.zeros((2, 2, 16, 20), np.float32)
+    out = run_net(Constant(), batch, torch.device("cpu"), augment=True)
+    # flow0: (+f(y) + f(y) - f(H-1-y) - f(H-1-y)) / 4 per row pair; flow1: 0; cellprob: 1
+    f = np.where(np.arange(16) < 8, 3.0, 1.0)
+    np.testing.assert_allclose(out[:, 0], np.broadcast_to(((f - f[::-1]) / 2)[:, None],
+                                                          (2, 16, 20)), atol=1e-6)
+    np.testing.assert_allclose(out[:, 1], 0.0, atol=1e-6)
+    np.testing.assert_allclose(out[:, 2], 1.0, atol=1e-6)

@@ -41,6 +41,8 @@ SEG_DEFAULTS = {
     "chan2": (0, "chan2: optional nuclear channel. 0 = none, 1..N = that channel."),
     "batch_size": (8, "batch_size: tiles per network batch. Lower it if memory runs out."),
     "use_gpu": (False, "use_gpu: run the network on the GPU (CUDA/MPS) if one is available."),
+    "augment": (False, "augment: average the network's predictions over flipped copies of "
+                "each plane. Slightly better masks for four times the network time."),
 }
 
 
@@ -82,6 +84,7 @@ class SegmentationPanel(QGroupBox):
         self.chan2 = QSpinBox(minimum=0, maximum=16)
         self.batch_size = QSpinBox(minimum=1, maximum=256)
         self.use_gpu = QCheckBox("use_gpu")
+        self.augment = QCheckBox("augment")
         self.blockwise = QCheckBox("blockwise (large volumes)")
         self.blockwise.setToolTip(
             "Read the image lazily and segment it block by block into NAME_cp_masks.zarr "
@@ -119,6 +122,8 @@ class SegmentationPanel(QGroupBox):
                 form.addRow(lab, w)
         self.use_gpu.setToolTip(SEG_DEFAULTS["use_gpu"][1])
         form.addRow("", self.use_gpu)
+        self.augment.setToolTip(SEG_DEFAULTS["augment"][1])
+        form.addRow("", self.augment)
         form.addRow("", self.blockwise)
         form.addRow("block_size", self.block_size)
         form.addRow("", self.autorun)
@@ -145,6 +150,7 @@ class SegmentationPanel(QGroupBox):
         self.chan2.setValue(d["chan2"])
         self.batch_size.setValue(d["batch_size"])
         self.use_gpu.setChecked(d["use_gpu"])
+        self.augment.setChecked(d["augment"])
         self._mode_changed()
 
     def _mode_changed(self, *_):
@@ -225,6 +231,7 @@ class SegmentationPanel(QGroupBox):
             chan2=self.chan2.value(),
             batch_size=self.batch_size.value(),
             use_gpu=self.use_gpu.isChecked(),
+            augment=self.augment.isChecked(),
         )
 
     def save(self, settings) -> None:
@@ -266,6 +273,7 @@ class SegmentationPanel(QGroupBox):
             self.chan2.setValue(get("chan2", int, d["chan2"]))
             self.batch_size.setValue(get("batch_size", int, d["batch_size"]))
             self.use_gpu.setChecked(get("use_gpu", bool, d["use_gpu"]))
+            self.augment.setChecked(get("augment", bool, d["augment"]))
             self.autorun.setChecked(get("autorun", bool, True))
             model = settings.value("model", "") or None
         finally:

@@ -146,7 +146,7 @@ class BlockwiseWorker(CoreWorker):
     what = "blockwise segmentation"
     KEYS = ("diameter", "anisotropy", "flow3D_smooth", "min_size", "cellprob_threshold",
             "niter", "chan", "chan2", "all_channels", "invert", "sharpen_radius", "tile_norm",
-            "batch_size", "use_gpu", "block_size")
+            "augment", "batch_size", "use_gpu", "block_size")
 
     def __init__(self, backend, volume, model_name, params: dict, out_zarr: Path):
         super().__init__(backend, volume, model_name, params)

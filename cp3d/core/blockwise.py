@@ -401,7 +401,8 @@ def segment_block(data: np.ndarray, job: Job, cancel: Optional[CancelToken] = No
     x = select_channels(data, model.nchan, p["chan"], p["chan2"], p["all_channels"], job.src.path)
     x = normalize_block(x, job.percentiles, p["invert"], p["sharpen_radius"])
     dP, cellprob = predict_3d(model.net, x, model.device, rescale=job.rescale,
-                              anisotropy=job.anisotropy, batch_size=p["batch_size"])
+                              anisotropy=job.anisotropy, batch_size=p["batch_size"],
+                              augment=p.get("augment", False))
     del x
     # the whole-volume run drops masks above 40% of the volume; keep that absolute size
     fraction = 0.4 * float(np.prod(job.shape)) / float(cellprob.size)
@@ -764,6 +765,7 @@ def segment_blockwise(
     invert: bool = False,
     sharpen_radius: float = 0.0,
     tile_norm: int = 0,
+    augment: bool = False,
     batch_size: int = 8,
     use_gpu: bool = False,
     keep_blocks: bool = False,
@@ -873,7 +875,8 @@ def segment_blockwise(
         anisotropy=float(anisotropy), do_3D=True, flow3D_smooth=flow3D_smooth,
         min_size=min_size, cellprob_threshold=cellprob_threshold, niter=niter, chan=chan,
         chan2=chan2, all_channels=all_channels, invert=invert, sharpen_radius=sharpen_radius,
-        tile_norm=0, batch_size=batch_size, block_size=list(bs), overlap=list(halo),
+        tile_norm=0, augment=augment, batch_size=batch_size, block_size=list(bs),
+        overlap=list(halo),
     )
     fingerprint = dict(params, shape=list(shape), input=_input_id(src), percentiles=percentiles,
                        margin=list(margin))
@@ -1092,7 +1095,7 @@ def _run_file(path: Path, args, model, params: dict, progress) -> list[Path]:
                          "(no --stitch_threshold)", path)
     keys = ("diameter", "anisotropy", "flow3D_smooth", "min_size", "cellprob_threshold",
             "niter", "chan", "chan2", "all_channels", "invert", "sharpen_radius", "tile_norm",
-            "batch_size")
+            "augment", "batch_size")
     result = segment_blockwise(
         path, out, model, block_size=args.block_size, dask_scheduler=args.dask_scheduler,
         n_workers=args.n_workers, memory_limit=args.memory_limit, z_axis=args.z_axis,

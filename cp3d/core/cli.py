@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "not used in 3D")
     g.add_argument("--niter", type=int, default=0,
                    help="dynamics steps (0 = 200, scaled with diameter as Cellpose does)")
+    g.add_argument("--augment", action="store_true",
+                   help="average the network over flipped copies of each plane "
+                        "(4x the network time)")
     g.add_argument("--use_gpu", action="store_true", help="run the network on CUDA or Apple MPS")
     g.add_argument("--batch_size", type=int, default=8, help="tiles per network pass")
     o = p.add_argument_group("output")
@@ -174,7 +177,8 @@ def _segment_main(args) -> int:
         cellprob_threshold=args.cellprob_threshold, flow_threshold=args.flow_threshold,
         niter=args.niter or None, chan=args.chan, chan2=args.chan2,
         all_channels=args.all_channels, invert=args.invert,
-        sharpen_radius=args.sharpen_radius, tile_norm=args.tile_norm, batch_size=args.batch_size,
+        sharpen_radius=args.sharpen_radius, tile_norm=args.tile_norm, augment=args.augment,
+        batch_size=args.batch_size,
     )
     failures: list[tuple[Path, str]] = []
     done = 0

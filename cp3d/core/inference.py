@@ -32,13 +32,33 @@ VIEWS = {
 }
 
 
-def run_net(net: torch.nn.Module, batch: np.ndarray, device: torch.device) -> np.ndarray:
-    """One forward pass on (N, C, H, W) float32; returns (N, 3, H, W) float32."""
+def run_net(net: torch.nn.Module, batch: np.ndarray, device: torch.device,
+            augment: bool = False) -> np.ndarray:
+    """One forward pass on (N, C, H, W) float32; returns (N, 3, H, W) float32.
+
+    ``augment`` (Cellpose's test-time augmentation): also predict the batch flipped in H, in W
+    and in both, flip each output back, negate the flow along each flipped axis, and average
+    the four; four times the work, for smoother, less orientation-biased predictions."""
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
-        y = net(x)
-        y = y[0] if isinstance(y, (tuple, list)) else y
-        return y.float().cpu().numpy()
+        if not augment:
+            return _forward(net, x).float().cpu().numpy()
+        acc = None
+        for dims in ((), (2,), (3,), (2, 3)):
+            y = _forward(net, torch.flip(x, dims) if dims else x).float()
+            if dims:
+                y = torch.flip(y, dims)
+                sign = torch.ones(y.shape[1], device=y.device)
+                for d in dims:  # flow0 is along H (dim 2), flow1 along W (dim 3)
+                    sign[d - 2] = -1.0
+                y = y * sign[None, :, None, None]
+            acc = y if acc is None else acc + y
+        return (acc / 4).cpu().numpy()
+
+
+def _forward(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = net(x)
+    return y[0] if isinstance(y, (tuple, list)) else y
 
 
 def _pad_to(n: int, multiple: int = 16) -> int:
@@ -59,6 +79,7 @@ def predict_planes(
     on_batch: Optional[Callable[[int, int, np.ndarray], None]] = None,
     cancel: Optional[CancelToken] = None,
     progress: Optional[Callable[[float], None]] = None,
+    augment: bool = False,
 ) -> Optional[np.ndarray]:
     """Predict (flow0, flow1, cellprob) for every plane of ``planes`` (N, C, H, W).
 
@@ -83,14 +104,14 @@ def predict_planes(
             check_cancel(cancel)
             stop = min(n, start + per_batch)
             buf[: stop - start, :, :h, :w] = planes[start:stop]
-            out = run_net(net, buf[: stop - start], device)
+            out = run_net(net, buf[: stop - start], device, augment)
             deliver(start, stop, out[:, :, :h, :w])
             if progress is not None:
                 progress(stop / n)
     else:
         for i in range(n):
             check_cancel(cancel)
-            out = _predict_tiled(net, planes[i], device, batch_size, cancel)
+            out = _predict_tiled(net, planes[i], device, batch_size, cancel, augment)
             deliver(i, i + 1, out[np.newaxis])
             if progress is not None:
                 progress((i + 1) / n)
@@ -104,7 +125,8 @@ def _tile_starts(length: int, tile: int) -> list[int]:
     return list(np.linspace(0, length - tile, count).astype(int))
 
 
-def _predict_tiled(net, plane: np.ndarray, device, batch_size: int, cancel) -> np.ndarray:
+def _predict_tiled(net, plane: np.ndarray, device, batch_size: int, cancel,
+                   augment: bool = False) -> np.ndarray:
     """Predict one large (C, H, W) plane in overlapping 224-px tiles, blended by a taper."""
     c, h, w = plane.shape
     th, tw = min(TILE, _pad_to(h)), min(TILE, _pad_to(w))
@@ -120,7 +142,7 @@ def _predict_tiled(net, plane: np.ndarray, device, batch_size: int, cancel) -> n
         for k, (y, x) in enumerate(chunk):
             tile = plane[:, y:y + th, x:x + tw]
             batch[k, :, :tile.shape[1], :tile.shape[2]] = tile
-        out = run_net(net, batch, device)
+        out = run_net(net, batch, device, augment)
         for k, (y, x) in enumerate(chunk):
             hh, ww = min(th, h - y), min(tw, w - x)
             wt = weight_tile[:hh, :ww]
@@ -156,6 +178,7 @@ def predict_3d(
     batch_size: int = 8,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
+    augment: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cellpose's 2.5D prediction on a normalized (C, Z, Y, X) volume.
 
@@ -192,7 +215,7 @@ def predict_3d(
 
         predict_planes(
             net, planes, device, batch_size, on_batch=add, cancel=cancel,
-            progress=lambda f, stage=stage: report(progress, stage, f),
+            progress=lambda f, stage=stage: report(progress, stage, f), augment=augment,
         )
         report(progress, stage, 1.0)
 
@@ -211,6 +234,7 @@ def predict_2d_stack(
     batch_size: int = 8,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
+    augment: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict every XY plane of (C, Z, Y, X) on its own; returns dP (2, Z, Y, X), cellprob."""
     _, lz, ly, lx = vol.shape
@@ -219,7 +243,7 @@ def predict_2d_stack(
     planes = np.moveaxis(work, 1, 0)  # (Z, C, Y', X')
     out = predict_planes(
         net, planes, device, batch_size, cancel=cancel,
-        progress=lambda f: report(progress, "prediction YX", f),
+        progress=lambda f: report(progress, "prediction YX", f), augment=augment,
     )
     out = np.moveaxis(out, 0, 1)  # (3, Z, Y', X')
     out = resize_volume(out, (lz, ly, lx))

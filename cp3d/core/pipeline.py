@@ -96,6 +96,7 @@ def segment(
     invert: bool = False,
     sharpen_radius: float = 0.0,
     tile_norm: int = 0,
+    augment: bool = False,
     batch_size: int = 8,
     use_gpu: bool = False,
     progress: Optional[ProgressFn] = None,
@@ -107,7 +108,9 @@ def segment(
     ``Model``, a bundled/user model name, a ``.pth`` path, or None for the default model.
     ``do_3D`` runs the 2.5D pipeline; ``do_3D=False`` segments each XY plane in 2D and, with
     ``stitch_threshold > 0``, links planes by IoU. ``diameter`` None or 0 is estimated from
-    the image (:func:`cp3d.core.size.estimate_diameter`); ``anisotropy`` None uses the voxel size from the file's metadata (else 1).
+    the image (:func:`cp3d.core.size.estimate_diameter`); ``anisotropy`` None uses the voxel
+    size from the file's metadata (else 1). ``augment`` averages the network's predictions on
+    flipped copies of each plane (four times the network time).
     Raises :class:`InputError` for unusable input and :class:`Cancelled` when cancelled.
     """
     from . import dynamics
@@ -155,10 +158,12 @@ def segment(
     net, device = model.net, model.device
     if do_3D:
         dP, cellprob = predict_3d(net, x, device, rescale=rescale, anisotropy=anisotropy,
-                                  batch_size=batch_size, progress=progress, cancel=cancel)
+                                  batch_size=batch_size, progress=progress, cancel=cancel,
+                                  augment=augment)
     else:
         dP2, cellprob = predict_2d_stack(net, x, device, rescale=rescale,
-                                         batch_size=batch_size, progress=progress, cancel=cancel)
+                                         batch_size=batch_size, progress=progress, cancel=cancel,
+                                         augment=augment)
         dP = np.concatenate([np.zeros_like(dP2[:1]), dP2], axis=0)
     del x
     times["network"] = time.perf_counter() - t1
@@ -182,7 +187,7 @@ def segment(
         do_3D=do_3D, stitch_threshold=stitch_threshold, flow3D_smooth=flow3D_smooth,
         min_size=min_size, cellprob_threshold=cellprob_threshold, niter=niter, chan=chan,
         chan2=chan2, all_channels=all_channels, invert=invert, sharpen_radius=sharpen_radius,
-        tile_norm=tile_norm,
+        tile_norm=tile_norm, augment=augment,
     )
     log.info("%s: %d masks in %.1f s", vol.name, int(masks.max()), times["total"])
     return Result(masks=masks, dP=dP, cellprob=cellprob, diameter=float(diameter),
