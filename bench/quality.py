@@ -1,7 +1,7 @@
 """AP of a model through the full 3D pipeline, on volumes it never saw, printed as a table.
 
     python bench/quality.py [--model cp3d_nuclei] [--kind nuclei|cells] [--n_synth 4]
-                            [--real ../shared/data/real]
+                            [--real ../shared/data/real] [--augment]
 
 Rows: fresh synthetic volumes (seeds >= 1000; training uses seeds below 1000) of the chosen
 kind (cells: every other one with a nuclear channel, given as chan2), and for nuclei the bundled
@@ -26,9 +26,13 @@ from cp3d.core.pipeline import segment
 from cp3d.resources import SAMPLE_DIR
 
 
+SEGMENT_OPTIONS: dict = {}  # options of every run (--augment)
+
+
 def run(name, vol, gt, model, diameter, anisotropy, **kw) -> Score:
     t = time.perf_counter()
-    result = segment(vol, model, diameter=diameter, anisotropy=anisotropy, **kw)
+    result = segment(vol, model, diameter=diameter, anisotropy=anisotropy, **SEGMENT_OPTIONS,
+                     **kw)
     label = f"{name} d={result.diameter:.0f}"
     return Score(label, score_masks(gt, result.masks, THRESHOLDS), int(gt.max()),
                  result.n_masks, time.perf_counter() - t)
@@ -46,14 +50,25 @@ def main() -> None:
     ap.add_argument("--kind", choices=["nuclei", "cells"], default="nuclei")
     ap.add_argument("--n_synth", type=int, default=4)
     ap.add_argument("--first_seed", type=int, default=1000)
+    ap.add_argument("--augment", action="store_true", help="segment with augment=True")
+    ap.add_argument("--sparse", action="store_true",
+                    help="nuclei only: sparse volumes (fill drawn log-uniformly in 0.01-0.15 "
+                         "instead of 0.2-0.6, as in embryos and cleared tissue)")
+    ap.add_argument("--synthetic_only", action="store_true",
+                    help="skip the bundled sample and the real volume")
     ap.add_argument("--real", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared/data/real")
     args = ap.parse_args()
     model = load_model(args.model)
+    SEGMENT_OPTIONS["augment"] = args.augment
     given, estimated = [], []
     for seed in range(args.first_seed, args.first_seed + args.n_synth):
-        vol, gt, meta, kw = synthetic_case(seed, args.kind)
-        name = f"{args.kind}{seed}{' +nuc' if kw else ''}"
+        overrides = None
+        if args.sparse:
+            overrides = dict(fill=float(np.exp(np.random.default_rng([seed, 9]).uniform(
+                np.log(0.01), np.log(0.15)))))
+        vol, gt, meta, kw = synthetic_case(seed, args.kind, overrides)
+        name = f"{args.kind}{seed}{' sparse' if args.sparse else ''}{' +nuc' if kw else ''}"
         given.append(run(f"{name} given", vol, gt, model, meta["diameter"],
                          meta["anisotropy"], **kw))
         estimated.append(run(f"{name} estimated", vol, gt, model, None, meta["anisotropy"],
@@ -63,7 +78,7 @@ def main() -> None:
     rows = [s for pair in zip(given, estimated) for s in pair]
     rows += [mean_row(f"mean synthetic {args.kind}, given", given),
              mean_row(f"mean synthetic {args.kind}, estimated", estimated)]
-    if args.kind == "nuclei":
+    if args.kind == "nuclei" and not args.synthetic_only:
         sample = read_volume(SAMPLE_DIR / "sample_nuclei.tif")
         sample_gt = read_volume(SAMPLE_DIR / "sample_nuclei_masks.tif").data[:, 0]
         rows.append(run("sample given", sample, sample_gt, model, 20.0, None))

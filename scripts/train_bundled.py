@@ -4,7 +4,10 @@
 
 Data: random nuclei volumes (cp3d.core.synth.random_nuclei_volume, seeds 0..n_volumes-1:
 diameter 8-40 px, anisotropy 1-4, SNR 1.5-60, blur, background, density drawn at random), cut
-into YX, ZY and ZX planes with Z resampled by the anisotropy. Held-out loss: seeds 2000-2005;
+into YX, ZY and ZX planes with Z resampled by the anisotropy; ``--n_small`` adds volumes of small
+objects (seeds 500..), ``--n_dim`` small ones with many dim objects (seeds 700..; only their
+rendering's dim fraction is changed), ``--n_sparse`` volumes of sparse nuclei (seeds 800..).
+Held-out loss: seeds 2000-2005;
 validation for scripts/calibrate_cellprob.py: seeds 900..
 Evaluation (bench/quality.py) uses seeds >= 1000, never trained on.
 
@@ -37,18 +40,29 @@ TEST_SEEDS = range(2000, 2006)
 
 
 SMALL_SEEDS_FROM = 500  # extra small-object volumes: seeds 500.., never used for evaluation
+DIM_SEEDS_FROM = 700  # extra volumes with many dim objects: seeds 700..
+SPARSE_SEEDS_FROM = 800  # extra volumes of sparse nuclei: seeds 800..899
 
 
-def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diameters=None):
+def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diameters=None,
+                  dim_fractions=None, fills=None):
     """Training planes of the random volumes of ``seeds``. Cells: every other volume has a
     nuclear channel, given as the second input (chan=1, chan2=2); the others are grayscale.
-    ``diameters`` (lo, hi): draw each volume's diameter log-uniformly there instead."""
+    ``diameters`` (lo, hi): draw each volume's diameter log-uniformly there instead;
+    ``dim_fractions`` (lo, hi): draw its fraction of dim objects uniformly there;
+    ``fills`` (lo, hi): draw the fraction of the volume filled by nuclei log-uniformly there."""
     samples, meta = [], []
     for seed in seeds:
         two = kind == "cells" and seed % 2 == 0
         d = _loguniform(np.random.default_rng([seed, 7]), *diameters) if diameters else None
+        overrides = {}
+        if dim_fractions:
+            overrides["dim_fraction"] = float(
+                np.random.default_rng([seed, 8]).uniform(*dim_fractions))
+        if fills:
+            overrides["fill"] = _loguniform(np.random.default_rng([seed, 9]), *fills)
         img, lab, m = random_volume(seed, kind, diameter=d, nuclear_channel=two,
-                                    dtype=np.uint16)
+                                    dtype=np.uint16, overrides=overrides)
         samples += volume_slices(img, lab, m["anisotropy"], n_per_axis=n_per_axis, seed=seed,
                                  source=f"synth-{kind}{seed}", min_objects=min_objects,
                                  nchan=nchan, chan=1 if two else 0, chan2=2 if two else 0)
@@ -69,6 +83,14 @@ def main() -> None:
     ap.add_argument("--n_small", type=int, default=0,
                     help="extra volumes (seeds 500..) of small objects, diameter in --small_range")
     ap.add_argument("--small_range", type=float, nargs=2, default=[8.0, 14.0])
+    ap.add_argument("--n_dim", type=int, default=0,
+                    help="extra volumes (seeds 700..) of small objects (--small_range) with many "
+                         "dim ones (fraction in --dim_range), where the models miss most")
+    ap.add_argument("--dim_range", type=float, nargs=2, default=[0.35, 0.5])
+    ap.add_argument("--n_sparse", type=int, default=0,
+                    help="extra volumes (seeds 800..) of sparse nuclei (fill in --fill_range; the "
+                         "main volumes fill 0.2-0.6), as in embryos and cleared tissue")
+    ap.add_argument("--fill_range", type=float, nargs=2, default=[0.01, 0.15])
     ap.add_argument("--nbase", type=int, nargs="+", default=[2, 16, 32, 64, 128])
     ap.add_argument("--bsize", type=int, default=160)
     ap.add_argument("--lr", type=float, default=0.002)
@@ -90,12 +112,30 @@ def main() -> None:
             range(SMALL_SEEDS_FROM, SMALL_SEEDS_FROM + args.n_small), args.n_per_axis, nchan,
             args.kind, diameters=args.small_range)
         samples, vols = samples + small, vols + small_vols
+    if args.n_dim:
+        dim, dim_vols = build_samples(
+            range(DIM_SEEDS_FROM, DIM_SEEDS_FROM + args.n_dim), args.n_per_axis, nchan,
+            args.kind, diameters=args.small_range, dim_fractions=args.dim_range)
+        samples, vols = samples + dim, vols + dim_vols
+    if args.n_sparse:
+        sparse, sparse_vols = build_samples(
+            range(SPARSE_SEEDS_FROM, SPARSE_SEEDS_FROM + args.n_sparse), args.n_per_axis, nchan,
+            args.kind, min_objects=1, fills=args.fill_range)
+        samples, vols = samples + sparse, vols + sparse_vols
     data = f"synthetic {args.kind} volumes (cp3d.core.synth.random_volume), seeds " \
            f"0-{args.n_volumes - 1}"
     if args.n_small:
         lo, hi = args.small_range
         data += f" + {args.n_small} small ({lo:g}-{hi:g} px, seeds {SMALL_SEEDS_FROM}-" \
                 f"{SMALL_SEEDS_FROM + args.n_small - 1})"
+    if args.n_dim:
+        lo, hi = args.dim_range
+        data += f" + {args.n_dim} small with {lo:g}-{hi:g} of them dim (seeds {DIM_SEEDS_FROM}-" \
+                f"{DIM_SEEDS_FROM + args.n_dim - 1})"
+    if args.n_sparse:
+        lo, hi = args.fill_range
+        data += f" + {args.n_sparse} sparse (fill {lo:g}-{hi:g}, seeds {SPARSE_SEEDS_FROM}-" \
+                f"{SPARSE_SEEDS_FROM + args.n_sparse - 1})"
     data += f", {len(samples)} planes in YX/ZY/ZX"
     test, _ = build_samples(TEST_SEEDS, 2, nchan, args.kind)
     print(f"{len(samples)} training planes from {len(vols)} volumes, {len(test)} held-out, "

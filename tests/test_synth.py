@@ -196,6 +196,26 @@ def test_random_volume_deterministic_and_consistent():
     assert other[2]["snr"] != meta["snr"]
 
 
+def test_overrides_change_only_the_rendering():
+    """A dim-emphasis training volume: the same labels and draws as the seed gives, only the
+    overridden rendering parameter differs, and more objects come out dim."""
+    kw = dict(shape=(12, 48, 48), diameter=10.0, dtype=np.float32)
+    img, lab, meta = synth.random_volume(5, "nuclei", **kw)
+    img2, lab2, meta2 = synth.random_volume(5, "nuclei", overrides=dict(
+        dim_fraction=0.9, snr=1e6, background=0.01), **kw)
+    np.testing.assert_array_equal(lab, lab2)
+    assert meta2["dim_fraction"] == 0.9 and meta2["texture"] == meta["texture"]
+    ids = np.arange(1, lab.max() + 1)
+
+    def dim_objects(im):
+        means = ndimage.mean(im, lab, ids)
+        return int((means < 0.5 * np.percentile(means, 90)).sum())
+
+    assert dim_objects(img2) > dim_objects(img) + 3
+    with pytest.raises(ValueError, match="unknown"):
+        synth.random_volume(5, "nuclei", overrides=dict(dimness=1.0), **kw)
+
+
 def test_random_volume_cells_and_parameter_spread():
     img, lab, meta = synth.random_volume(1, "cells", shape=(10, 48, 48), diameter=12.0,
                                          nuclear_channel=True, dtype=np.uint16)

@@ -682,6 +682,7 @@ def random_volume(
     style: Optional[str] = None,
     nuclear_channel: bool = False,
     dtype=np.float32,
+    overrides: Optional[dict] = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(image, labels, meta) with every parameter drawn at random for ``seed``.
 
@@ -689,10 +690,22 @@ def random_volume(
     optionally with a nuclear channel: image (Z, 2, Y, X), meta['nuclei'] its labels). Ranges:
     diameter 8-40 px, anisotropy 1-4, SNR 1.5-60, blur, background, haze, density, shapes.
     ``shape`` is the output (Z, Y, X); labels are drawn on the isotropic grid, rendered, and
-    Z-sampled with the image. ``meta`` holds all drawn parameters (plain floats/str/int)."""
+    Z-sampled with the image. ``meta`` holds all drawn parameters (plain floats/str/int).
+    ``overrides`` replaces drawn parameters by name (e.g. ``dim_fraction``, or ``fill`` for
+    sparse nuclei); each is replaced after it is drawn, so the random draws stay in step and
+    only what depends on the replaced values changes."""
     if kind not in ("nuclei", "cells"):
         raise ValueError(f"kind must be 'nuclei' or 'cells', not {kind!r}")
     rng = np.random.default_rng([int(seed), 0 if kind == "nuclei" else 1])
+    overrides = dict(overrides or {})
+    used: set = set()
+
+    def drawn(name: str, value):
+        if name in overrides:
+            used.add(name)
+            return type(value)(overrides[name])
+        return value
+
     d = float(diameter) if diameter else _loguniform(rng, 8.0, 40.0)
     a = float(anisotropy) if anisotropy else (1.0 if rng.random() < 0.25
                                               else float(rng.uniform(1.2, 4.0)))
@@ -706,10 +719,11 @@ def random_volume(
     sub = int(rng.integers(2**31))
     if kind == "nuclei":
         style = "nuclei"
-        spread = float(rng.uniform(0.05, 0.3))
-        fill = float(rng.uniform(0.2, 0.6))
-        touching = float(rng.uniform(0.65, 1.05))
-        z_stretch = 1.0 if rng.random() < 0.6 else float(rng.uniform(1.0, 1.6))
+        spread = drawn("radius_spread", float(rng.uniform(0.05, 0.3)))
+        fill = drawn("fill", float(rng.uniform(0.2, 0.6)))
+        touching = drawn("touching", float(rng.uniform(0.65, 1.05)))
+        z_stretch = drawn("z_stretch",
+                          1.0 if rng.random() < 0.6 else float(rng.uniform(1.0, 1.6)))
         r = d / 2
         n = int(fill * np.prod(iso) / (4 / 3 * np.pi * r**3)) + 1
         meta.update(radius_spread=spread, fill=fill, touching=touching, z_stretch=z_stretch,
@@ -748,6 +762,10 @@ def random_volume(
         level=_loguniform(rng, 200.0, 20000.0),
         offset=float(rng.uniform(0.0, 500.0)),
     )
+    params = {k: drawn(k, v) for k, v in params.items()}
+    unknown = set(overrides) - used
+    if unknown:
+        raise ValueError(f"overrides: unknown parameter(s) {sorted(unknown)} for {kind}")
     meta.update(params, style=style)
     nuclei = None
     if kind == "cells" and nuclear_channel:
