@@ -511,10 +511,12 @@ def test_settings_panel_params_match_core_segment(qtbot, tmp_path):
     p.mode.setCurrentIndex(1)
     p.stitch_threshold.setValue(0.4)
     p.cellprob_threshold.setValue(-1.5)
+    p.augment.setChecked(True)
     params = p.params()
     accepted = set(inspect.signature(segment).parameters)
     assert set(params) <= accepted, set(params) - accepted
     assert params["do_3D"] is False and params["stitch_threshold"] == 0.4
+    assert params["augment"] is True and "augment" in p.augment.toolTip()
     # diameter 0 shown as "auto": segment() estimates it; niter "auto" = core default
     assert params["diameter"] == 0.0 and p.diameter.text() == "auto" and params["niter"] is None
     assert p.params(is_2d=True)["stitch_threshold"] == 0.0
@@ -525,6 +527,7 @@ def test_settings_panel_params_match_core_segment(qtbot, tmp_path):
     w2 = make_window(qtbot, tmp_path)
     assert w2.seg_panel.mode.currentIndex() == 1
     assert w2.seg_panel.cellprob_threshold.value() == -1.5
+    assert w2.seg_panel.augment.isChecked()
 
 
 def test_long_sessions_do_not_exhaust_none_refcount(qtbot):
