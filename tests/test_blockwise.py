@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from cp3d.core import blockwise
 from cp3d.core.io import volume_from_array
-from cp3d.core.metrics import average_precision, matching_iou
+from cp3d.core.metrics import average_precision
 from cp3d.core.pipeline import segment
 
 BLOCKS = (16, 32, 32)  # small blocks: 3 x 3 x 3 of them on SHAPE, spheres cut by many faces

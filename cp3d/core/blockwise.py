@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from .cancel import CancelToken, check_cancel
-from .errors import Cancelled, InputError, OutputError
+from .errors import Cancelled, InputError
 
 log = logging.getLogger("cp3d")
 
