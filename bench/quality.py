@@ -5,8 +5,10 @@
 
 Rows: fresh synthetic volumes (seeds >= 1000; training uses seeds below 1000) of the chosen
 kind (cells: every other one with a nuclear channel, given as chan2), and for nuclei the bundled
-sample volume and, when the folder exists, the real mouse-embryo volume with its ground truth
-(QCANet/BBBC050, MIT; voxel 1.75 x 0.8 x 0.8 um). Each is run twice: with the diameter given
+sample volume and, when the folder exists, the real mouse-embryo volumes with their ground truth
+(QCANet/BBBC050, MIT; 8- and 16-cell stage, voxel 1.75 x 0.8 x 0.8 um; `mouse_embryo_8cell_img.tif`
+and `_gt.tif`, the same for `16cell`: GT = the connected components of QCANet's manual
+images_nsn mask, each holding one of its images_ndn markers). Each is run twice: with the diameter given
 ("given": the generator's object diameter, what a user measures across an object in XY) and
 with no diameter, estimated from the image ("estimated"). The last rows are the means.
 """
@@ -26,6 +28,9 @@ from cp3d.core.pipeline import segment
 from cp3d.resources import SAMPLE_DIR
 
 
+# Real volumes (QCANet, 8- and 16-cell stage) and the diameter a user would give: between the
+# median largest XY section (16 and 17 px) and the equal-volume sphere (21 and 19 px).
+REAL_EMBRYOS = {"8cell": 19.0, "16cell": 18.0}
 SEGMENT_OPTIONS: dict = {}  # options of every run (--augment)
 
 
@@ -55,7 +60,7 @@ def main() -> None:
                     help="nuclei only: sparse volumes (fill drawn log-uniformly in 0.01-0.15 "
                          "instead of 0.2-0.6, as in embryos and cleared tissue)")
     ap.add_argument("--synthetic_only", action="store_true",
-                    help="skip the bundled sample and the real volume")
+                    help="skip the bundled sample and the real volumes")
     ap.add_argument("--real", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared/data/real")
     args = ap.parse_args()
@@ -76,19 +81,23 @@ def main() -> None:
         for row in (given[-1], estimated[-1]):
             print(format_table([row], THRESHOLDS).splitlines()[-1], flush=True)
     rows = [s for pair in zip(given, estimated) for s in pair]
-    rows += [mean_row(f"mean synthetic {args.kind}, given", given),
-             mean_row(f"mean synthetic {args.kind}, estimated", estimated)]
+    if given:  # --n_synth 0 runs the sample and real volumes only
+        rows += [mean_row(f"mean synthetic {args.kind}, given", given),
+                 mean_row(f"mean synthetic {args.kind}, estimated", estimated)]
     if args.kind == "nuclei" and not args.synthetic_only:
         sample = read_volume(SAMPLE_DIR / "sample_nuclei.tif")
         sample_gt = read_volume(SAMPLE_DIR / "sample_nuclei_masks.tif").data[:, 0]
         rows.append(run("sample given", sample, sample_gt, model, 20.0, None))
         rows.append(run("sample estimated", sample, sample_gt, model, None, None))
-        embryo = args.real / "mouse_embryo_8cell_img.tif"
-        if embryo.exists():
-            vol = read_volume(embryo)
-            gt = read_volume(args.real / "mouse_embryo_8cell_gt.tif").data[:, 0]
-            rows.append(run("real embryo given", vol, gt, model, 19.0, 1.75 / 0.8))
-            rows.append(run("real embryo estimated", vol, gt, model, None, 1.75 / 0.8))
+        for stage, diameter in REAL_EMBRYOS.items():
+            img = args.real / f"mouse_embryo_{stage}_img.tif"
+            if not img.exists():
+                continue
+            vol = read_volume(img)
+            gt = read_volume(args.real / f"mouse_embryo_{stage}_gt.tif").data[:, 0]
+            name = f"real embryo {stage}"
+            rows.append(run(f"{name} given", vol, gt, model, diameter, 1.75 / 0.8))
+            rows.append(run(f"{name} estimated", vol, gt, model, None, 1.75 / 0.8))
     print(f"model: {model.path}")
     print(format_table(rows, THRESHOLDS, mean=False))
 
