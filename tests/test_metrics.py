@@ -36,3 +36,14 @@ def test_empty_cases():
     one = z.copy()
     one[1:3, 1:3] = 1
     assert average_precision(one, z)[0][0] == 0.0
+
+
+def test_score_table_keeps_long_names_whole_and_aligned():
+    from cp3d.core.evaluate import Score, format_table
+
+    long = "embryo_2026-11-30_stage16_position03_deconvolved.tif"
+    rows = [Score(long, (0.9, 0.5, 0.1), 16, 17, 3.0), Score("a.tif", (0.7, 0.3, 0.0), 8, 9, 1.0)]
+    lines = format_table(rows).splitlines()
+    assert lines[2].startswith(long + " ")
+    assert lines[2].index("0.900") == lines[3].index("0.700") > lines[0].index("AP@0.5")
+    assert lines[-1].split()[1:] == ["0.800", "0.400", "0.050"]

@@ -72,14 +72,15 @@ def evaluate(pairs: Iterable[tuple[Path, Path]], model, thresholds=THRESHOLDS, *
 
 
 def format_table(scores: Sequence[Score], thresholds=THRESHOLDS, mean: bool = True) -> str:
-    head = f"{'volume':32s} " + " ".join(f"AP@{t:<4}" for t in thresholds) + "   GT  pred  seconds"
+    width = max([32] + [len(s.name) for s in scores])  # names are never cut
+    head = f"{'volume':{width}s} " + " ".join(f"AP@{t:<4}" for t in thresholds) + "   GT  pred  seconds"
     lines = [head, "-" * len(head)]
     for s in scores:
-        lines.append(f"{s.name[:32]:32s} " + " ".join(f"{a:7.3f}" for a in s.ap)
+        lines.append(f"{s.name:{width}s} " + " ".join(f"{a:7.3f}" for a in s.ap)
                      + f" {s.n_true:5d} {s.n_pred:5d} {s.seconds:8.1f}")
     if mean and len(scores) > 1:
         avg = np.mean([s.ap for s in scores], axis=0)
-        lines.append(f"{'mean':32s} " + " ".join(f"{a:7.3f}" for a in avg))
+        lines.append(f"{'mean':{width}s} " + " ".join(f"{a:7.3f}" for a in avg))
     return "\n".join(lines)
 
 
