@@ -5,12 +5,11 @@
 
 Rows: fresh synthetic volumes (seeds >= 1000; training uses seeds below 1000) of the chosen
 kind (cells: every other one with a nuclear channel, given as chan2), and for nuclei the bundled
-sample volume and, when the folder exists, the real mouse-embryo volumes with their ground truth
-(QCANet/BBBC050, MIT; 8- and 16-cell stage, voxel 1.75 x 0.8 x 0.8 um; `mouse_embryo_8cell_img.tif`
-and `_gt.tif`, the same for `16cell`: GT = the connected components of QCANet's manual
-images_nsn mask, each holding one of its images_ndn markers). Each is run twice: with the diameter given
-("given": the generator's object diameter, what a user measures across an object in XY) and
-with no diameter, estimated from the image ("estimated"). The last rows are the means.
+sample volume and, when `--real` holds them, the real mouse-embryo volumes with their ground
+truth (QCANet/BBBC050, MIT; 8- and 16-cell stage; built by scripts/make_real_embryos.py).
+Each is run twice: with the diameter given ("given": the generator's object diameter, what a
+user measures across an object in XY) and with no diameter, estimated from the image
+("estimated"). The last rows are the means.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from cp3d.resources import SAMPLE_DIR
 # Real volumes (QCANet, 8- and 16-cell stage) and the diameter a user would give: between the
 # median largest XY section (16 and 17 px) and the equal-volume sphere (21 and 19 px).
 REAL_EMBRYOS = {"8cell": 19.0, "16cell": 18.0}
+EMBRYO_ANISOTROPY = 1.75 / 0.8  # voxel 1.75 x 0.8 x 0.8 um
 SEGMENT_OPTIONS: dict = {}  # options of every run (--augment)
 
 
@@ -96,8 +96,8 @@ def main() -> None:
             vol = read_volume(img)
             gt = read_volume(args.real / f"mouse_embryo_{stage}_gt.tif").data[:, 0]
             name = f"real embryo {stage}"
-            rows.append(run(f"{name} given", vol, gt, model, diameter, 1.75 / 0.8))
-            rows.append(run(f"{name} estimated", vol, gt, model, None, 1.75 / 0.8))
+            rows.append(run(f"{name} given", vol, gt, model, diameter, EMBRYO_ANISOTROPY))
+            rows.append(run(f"{name} estimated", vol, gt, model, None, EMBRYO_ANISOTROPY))
     print(f"model: {model.path}")
     print(format_table(rows, THRESHOLDS, mean=False))
 

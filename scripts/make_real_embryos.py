@@ -21,7 +21,7 @@ from scipy import ndimage as ndi
 
 def instance_labels(mask: np.ndarray, markers: np.ndarray) -> np.ndarray:
     """Label the components of ``mask`` that contain exactly one marker component, 1..n."""
-    components, n = ndi.label(mask > 0)
+    components, _ = ndi.label(mask > 0)
     marks, _ = ndi.label(markers > 0)
     out = np.zeros(mask.shape, np.uint16)
     k = 0

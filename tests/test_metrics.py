@@ -1,5 +1,6 @@
 import numpy as np
 
+from cp3d.core.evaluate import Score, format_table
 from cp3d.core.metrics import average_precision, matching_iou
 
 
@@ -39,8 +40,6 @@ def test_empty_cases():
 
 
 def test_score_table_keeps_long_names_whole_and_aligned():
-    from cp3d.core.evaluate import Score, format_table
-
     long = "embryo_2026-11-30_stage16_position03_deconvolved.tif"
     rows = [Score(long, (0.9, 0.5, 0.1), 16, 17, 3.0), Score("a.tif", (0.7, 0.3, 0.0), 8, 9, 1.0)]
     lines = format_table(rows).splitlines()

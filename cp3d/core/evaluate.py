@@ -73,7 +73,8 @@ def evaluate(pairs: Iterable[tuple[Path, Path]], model, thresholds=THRESHOLDS, *
 
 def format_table(scores: Sequence[Score], thresholds=THRESHOLDS, mean: bool = True) -> str:
     width = max([32] + [len(s.name) for s in scores])  # names are never cut
-    head = f"{'volume':{width}s} " + " ".join(f"AP@{t:<4}" for t in thresholds) + "   GT  pred  seconds"
+    head = (f"{'volume':{width}s} " + " ".join(f"AP@{t:<4}" for t in thresholds)
+            + "   GT  pred  seconds")
     lines = [head, "-" * len(head)]
     for s in scores:
         lines.append(f"{s.name:{width}s} " + " ".join(f"{a:7.3f}" for a in s.ap)
