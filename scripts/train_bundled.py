@@ -6,7 +6,8 @@ Data: random nuclei volumes (cp3d.core.synth.random_nuclei_volume, seeds 0..n_vo
 diameter 8-40 px, anisotropy 1-4, SNR 1.5-60, blur, background, density drawn at random), cut
 into YX, ZY and ZX planes with Z resampled by the anisotropy; ``--n_small`` adds volumes of small
 objects (seeds 500..), ``--n_dim`` small ones with many dim objects (seeds 700..; only their
-rendering's dim fraction is changed), ``--n_sparse`` volumes of sparse nuclei (seeds 800..).
+rendering's dim fraction is changed), ``--n_sparse`` volumes of sparse nuclei (seeds 800..),
+``--n_uneven`` sparse, large, unevenly bright, grainy nuclei as in early embryos (seeds 600..).
 Held-out loss: seeds 2000-2005;
 validation for scripts/calibrate_cellprob.py: seeds 900..
 Evaluation (bench/quality.py) uses seeds >= 1000, never trained on.
@@ -42,15 +43,25 @@ TEST_SEEDS = range(2000, 2006)
 SMALL_SEEDS_FROM = 500  # extra small-object volumes: seeds 500.., never used for evaluation
 DIM_SEEDS_FROM = 700  # extra volumes with many dim objects: seeds 700..
 SPARSE_SEEDS_FROM = 800  # extra volumes of sparse nuclei: seeds 800..899
+UNEVEN_SEEDS_FROM = 600  # extra volumes of embryo-like nuclei: seeds 600..699
+# Early embryos and organoids (e.g. QCANet's mouse embryos): few large, grainy nuclei whose
+# brightness differs 4x, some dim, under a long Z blur at low SNR. Each generator parameter is
+# drawn log-uniformly in its range; diameter and anisotropy as below.
+UNEVEN_RANGES = dict(fill=(0.02, 0.12), brightness_spread=(0.5, 0.9), dim_fraction=(0.15, 0.45),
+                     texture=(0.6, 1.2), snr=(3.0, 20.0), z_blur=(2.5, 4.0))
+UNEVEN_DIAMETERS = (14.0, 30.0)
+UNEVEN_ANISOTROPIES = (1.5, 3.0)
 
 
 def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diameters=None,
-                  dim_fractions=None, fills=None):
+                  dim_fractions=None, fills=None, anisotropies=None, ranges=None):
     """Training planes of the random volumes of ``seeds``. Cells: every other volume has a
     nuclear channel, given as the second input (chan=1, chan2=2); the others are grayscale.
     ``diameters`` (lo, hi): draw each volume's diameter log-uniformly there instead;
     ``dim_fractions`` (lo, hi): draw its fraction of dim objects uniformly there;
-    ``fills`` (lo, hi): draw the fraction of the volume filled by nuclei log-uniformly there."""
+    ``fills`` (lo, hi): draw the fraction of the volume filled by nuclei log-uniformly there;
+    ``anisotropies`` (lo, hi): draw the Z anisotropy uniformly there;
+    ``ranges`` {name: (lo, hi)}: draw each named generator parameter log-uniformly there."""
     samples, meta = [], []
     for seed in seeds:
         two = kind == "cells" and seed % 2 == 0
@@ -61,7 +72,11 @@ def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diamet
                 np.random.default_rng([seed, 8]).uniform(*dim_fractions))
         if fills:
             overrides["fill"] = _loguniform(np.random.default_rng([seed, 9]), *fills)
-        img, lab, m = random_volume(seed, kind, diameter=d, nuclear_channel=two,
+        a = (float(np.random.default_rng([seed, 10]).uniform(*anisotropies)) if anisotropies
+             else None)
+        for i, (name, (lo, hi)) in enumerate(sorted((ranges or {}).items())):
+            overrides[name] = _loguniform(np.random.default_rng([seed, 11 + i]), lo, hi)
+        img, lab, m = random_volume(seed, kind, diameter=d, anisotropy=a, nuclear_channel=two,
                                     dtype=np.uint16, overrides=overrides)
         samples += volume_slices(img, lab, m["anisotropy"], n_per_axis=n_per_axis, seed=seed,
                                  source=f"synth-{kind}{seed}", min_objects=min_objects,
@@ -90,6 +105,9 @@ def main() -> None:
     ap.add_argument("--n_sparse", type=int, default=0,
                     help="extra volumes (seeds 800..) of sparse nuclei (fill in --fill_range; the "
                          "main volumes fill 0.2-0.6), as in embryos and cleared tissue")
+    ap.add_argument("--n_uneven", type=int, default=0,
+                    help="extra volumes (seeds 600..) of sparse, large, unevenly bright, grainy "
+                         "nuclei, as in early embryos (UNEVEN_RANGES)")
     ap.add_argument("--fill_range", type=float, nargs=2, default=[0.01, 0.15])
     ap.add_argument("--nbase", type=int, nargs="+", default=[2, 16, 32, 64, 128])
     ap.add_argument("--bsize", type=int, default=160)
@@ -122,6 +140,12 @@ def main() -> None:
             range(SPARSE_SEEDS_FROM, SPARSE_SEEDS_FROM + args.n_sparse), args.n_per_axis, nchan,
             args.kind, min_objects=1, fills=args.fill_range)
         samples, vols = samples + sparse, vols + sparse_vols
+    if args.n_uneven:
+        uneven, uneven_vols = build_samples(
+            range(UNEVEN_SEEDS_FROM, UNEVEN_SEEDS_FROM + args.n_uneven), args.n_per_axis, nchan,
+            args.kind, min_objects=1, diameters=UNEVEN_DIAMETERS,
+            anisotropies=UNEVEN_ANISOTROPIES, ranges=UNEVEN_RANGES)
+        samples, vols = samples + uneven, vols + uneven_vols
     data = f"synthetic {args.kind} volumes (cp3d.core.synth.random_volume), seeds " \
            f"0-{args.n_volumes - 1}"
     if args.n_small:
@@ -136,6 +160,9 @@ def main() -> None:
         lo, hi = args.fill_range
         data += f" + {args.n_sparse} sparse (fill {lo:g}-{hi:g}, seeds {SPARSE_SEEDS_FROM}-" \
                 f"{SPARSE_SEEDS_FROM + args.n_sparse - 1})"
+    if args.n_uneven:
+        data += f" + {args.n_uneven} embryo-like (sparse, large, unevenly bright; seeds " \
+                f"{UNEVEN_SEEDS_FROM}-{UNEVEN_SEEDS_FROM + args.n_uneven - 1})"
     data += f", {len(samples)} planes in YX/ZY/ZX"
     test, _ = build_samples(TEST_SEEDS, 2, nchan, args.kind)
     print(f"{len(samples)} training planes from {len(vols)} volumes, {len(test)} held-out, "

@@ -1,0 +1,41 @@
+"""scripts/train_bundled.py: the extra training sets draw their generator parameters as stated."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from cp3d.core.synth import random_volume
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "train_bundled", ROOT / "scripts/train_bundled.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_embryo_like_set_draws_every_parameter_in_its_range_and_is_reproducible():
+    tb = _script()
+    kw = dict(min_objects=1, diameters=tb.UNEVEN_DIAMETERS, anisotropies=tb.UNEVEN_ANISOTROPIES,
+              ranges=tb.UNEVEN_RANGES)
+    seeds = range(tb.UNEVEN_SEEDS_FROM, tb.UNEVEN_SEEDS_FROM + 2)
+    samples, vols = tb.build_samples(seeds, 1, 2, "nuclei", **kw)
+    again, vols_again = tb.build_samples(seeds, 1, 2, "nuclei", **kw)
+    assert vols == vols_again and len(samples) == len(again) > 0
+    for seed, diameter, anisotropy, snr in vols:
+        assert tb.UNEVEN_DIAMETERS[0] <= diameter <= tb.UNEVEN_DIAMETERS[1]
+        assert tb.UNEVEN_ANISOTROPIES[0] <= anisotropy <= tb.UNEVEN_ANISOTROPIES[1]
+        assert tb.UNEVEN_RANGES["snr"][0] <= snr <= tb.UNEVEN_RANGES["snr"][1]
+    # the same seed without the set's ranges draws other parameters: the ranges took effect
+    _, _, plain = random_volume(tb.UNEVEN_SEEDS_FROM, "nuclei")
+    assert round(plain["snr"], 1) != vols[0][3] or round(plain["anisotropy"], 2) != vols[0][2]
+
+
+def test_unknown_generator_parameter_in_a_range_is_refused():
+    tb = _script()
+    with pytest.raises(ValueError, match="no_such"):
+        tb.build_samples([tb.UNEVEN_SEEDS_FROM], 1, 2, "nuclei", ranges={"no_such": (1.0, 2.0)})
