@@ -1,7 +1,23 @@
 """Shared fixtures."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture
+def load_script():
+    """Import a file of scripts/ by name: scripts/ is not a package, so tests load it by path."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 @pytest.fixture

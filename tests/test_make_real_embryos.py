@@ -1,20 +1,7 @@
 """scripts/make_real_embryos.py: the instance ground truth built from QCANet's mask and markers."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import tifffile
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "make_real_embryos", ROOT / "scripts/make_real_embryos.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _mask_and_markers():
@@ -29,15 +16,15 @@ def _mask_and_markers():
     return mask, markers
 
 
-def test_instance_labels_keeps_components_with_exactly_one_marker():
+def test_instance_labels_keeps_components_with_exactly_one_marker(load_script):
     mask, markers = _mask_and_markers()
-    out = _script().instance_labels(mask, markers)
+    out = load_script("make_real_embryos").instance_labels(mask, markers)
     assert out.dtype == np.uint16 and out.max() == 1
     assert (out == 1).sum() == 4 * 6 * 6 and out[3, 5, 5] == 1
     assert out[3, 14, 15] == 0 and out[3, 22, 5] == 0
 
 
-def test_script_writes_image_and_ground_truth_pairs(tmp_path, monkeypatch):
+def test_script_writes_image_and_ground_truth_pairs(tmp_path, monkeypatch, load_script):
     mask, markers = _mask_and_markers()
     raw = np.random.default_rng(0).integers(0, 4000, mask.shape).astype(np.uint16)
     for stage in (8, 16):
@@ -47,7 +34,7 @@ def test_script_writes_image_and_ground_truth_pairs(tmp_path, monkeypatch):
             tifffile.imwrite(d / f"{stage}_cell_stage.tif", arr)
     monkeypatch.setattr("sys.argv", ["make_real_embryos.py", str(tmp_path / "qcanet"),
                                      str(tmp_path / "out")])
-    _script().main()
+    load_script("make_real_embryos").main()
     for stage in (8, 16):
         img = tifffile.imread(tmp_path / f"out/mouse_embryo_{stage}cell_img.tif")
         gt = tifffile.imread(tmp_path / f"out/mouse_embryo_{stage}cell_gt.tif")

@@ -1,8 +1,5 @@
 """Synthetic volumes: label geometry, rendering, random volumes and the bundled sample."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tifffile
@@ -10,8 +7,6 @@ from scipy import ndimage
 
 from cp3d.core import synth
 from cp3d.resources import SAMPLE_DIR
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _touching_fraction(labels):
@@ -230,7 +225,7 @@ def test_random_volume_cells_and_parameter_spread():
     assert len({round(m["anisotropy"], 3) for m in metas}) > 4
 
 
-def test_bundled_sample_matches_documentation():
+def test_bundled_sample_matches_documentation(load_script):
     img_path, mask_path = SAMPLE_DIR / "sample_nuclei.tif", SAMPLE_DIR / "sample_nuclei_masks.tif"
     for p in (img_path, mask_path):
         assert p.stat().st_size < 2_000_000
@@ -249,10 +244,7 @@ def test_bundled_sample_matches_documentation():
     assert 18 <= synth._eq_diameter(masks, 2.0) <= 24
     assert img[synth._interior(masks)].mean() > 2.5 * img[masks == 0].mean()
     # the script regenerates exactly these files
-    spec = importlib.util.spec_from_file_location("make_sample", ROOT / "scripts/make_sample.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    img2, masks2 = mod.make_sample()
+    img2, masks2 = load_script("make_sample").make_sample()
     np.testing.assert_array_equal(masks2, masks)
     # the image is reproduced up to float rounding, which differs between NumPy/SciPy builds
     # (a fresh install changed 29 of 655360 voxels); anything more is a real change

@@ -1,25 +1,11 @@
 """scripts/train_bundled.py: the extra training sets draw their generator parameters as stated."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from cp3d.core.synth import random_volume
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "train_bundled", ROOT / "scripts/train_bundled.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_embryo_like_set_draws_every_parameter_in_its_range_and_is_reproducible():
-    tb = _script()
+def test_embryo_like_set_draws_each_parameter_in_its_range_reproducibly(load_script):
+    tb = load_script("train_bundled")
     kw = dict(min_objects=1, diameters=tb.UNEVEN_DIAMETERS, anisotropies=tb.UNEVEN_ANISOTROPIES,
               ranges=tb.UNEVEN_RANGES)
     seeds = range(tb.UNEVEN_SEEDS_FROM, tb.UNEVEN_SEEDS_FROM + 2)
@@ -35,7 +21,7 @@ def test_embryo_like_set_draws_every_parameter_in_its_range_and_is_reproducible(
     assert round(plain["snr"], 1) != vols[0][3] or round(plain["anisotropy"], 2) != vols[0][2]
 
 
-def test_unknown_generator_parameter_in_a_range_is_refused():
-    tb = _script()
+def test_unknown_generator_parameter_in_a_range_is_refused(load_script):
+    tb = load_script("train_bundled")
     with pytest.raises(ValueError, match="no_such"):
         tb.build_samples([tb.UNEVEN_SEEDS_FROM], 1, 2, "nuclei", ranges={"no_such": (1.0, 2.0)})
