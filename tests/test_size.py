@@ -9,7 +9,7 @@ import torch
 from cp3d.core.metrics import average_precision
 from cp3d.core.models import load_model
 from cp3d.core.pipeline import segment
-from cp3d.core.size import estimate_diameter, mask_diameters, pick_planes
+from cp3d.core.size import estimate_diameter, mask_diameters, pick_planes, pick_trial
 from cp3d.core.synth import random_volume
 
 
@@ -69,3 +69,31 @@ def test_estimate_follows_masks_that_creep_up_to_the_true_size(model, monkeypatc
     volume = np.zeros((6, 64, 64), np.float32)
     volume[:, 20:40, 20:40] = 1.0
     assert estimate_diameter(volume, model) == pytest.approx(24.0, rel=0.15)
+
+
+def test_pick_trial_prefers_the_smallest_agreeing_trial():
+    # packed 10-px nuclei seen by an embryo-tuned network: trial 28 merges them into blobs
+    # of 28 px that agree with it as well as trial 7's true-size masks do
+    assert pick_trial({7.1: 7.4, 14.1: 8.8, 28.2: 27.8, 56.5: 35.9}) == 7.1
+    assert pick_trial({7.1: 14.0, 14.1: 28.0, 28.2: 28.3, 56.5: 27.3}) == 28.2
+    assert pick_trial({7.1: 14.5, 14.1: 17.6, 28.2: 19.4}) == 14.1  # none agree: the closest
+
+
+def test_estimate_is_not_drawn_to_merged_blobs(model, monkeypatch):
+    """Masks measured with an embryo-tuned candidate model on packed 8-px nuclei (seed 3011)
+    at trial diameters 7-57: trials of 28 px and more merge neighbours into blobs that agree
+    with the trial, so the estimate must start from the small trial and stay near 8 px."""
+    import cp3d.core.size as size
+
+    trial = [7.1, 10.0, 14.1, 19.9, 28.2, 40.0, 56.5]
+    measured = [7.4, 7.8, 8.8, 12.4, 27.8, 31.6, 35.9]
+
+    def fake_masks(model, x, diameter, cancel):
+        d = float(np.exp(np.interp(np.log(diameter), np.log(trial), np.log(measured))))
+        return np.stack([_disks(d)] * x.shape[1])
+
+    monkeypatch.setattr(size, "_planes_masks", fake_masks)
+    monkeypatch.setattr(model, "diam_labels", 14.12)
+    volume = np.zeros((6, 64, 64), np.float32)
+    volume[:, 20:40, 20:40] = 1.0
+    assert estimate_diameter(volume, model) == pytest.approx(8.1, rel=0.15)

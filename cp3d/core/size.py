@@ -5,8 +5,11 @@ per network, then refines it from a first pass of masks. cp3d keeps only the ref
 works for any network (a user's fine-tuned one too, with no size model to train): segment a few
 XY planes in 2D at a trial diameter, measure the median diameter of their masks, and repeat at
 the measured diameter until it settles. A network run far from its training scale splits or
-merges objects, so the first pass tries a few trial diameters and starts from the one whose
-masks agree best with it.
+merges objects, so the first pass tries a few trial diameters and starts from one whose masks
+agree with it. The two failures are not alike: a trial too small splits objects into pieces a
+little larger than itself, and the refinement creeps up from there to the true size; a trial
+too large can merge packed neighbours into blobs as large as the trial, which agree with it and
+which no refinement splits again. So among the trials that agree, the smallest is taken.
 
 The estimate is in Cellpose's units, the median diameter of 2D masks in XY planes (that of a
 disk with the median area), the units of ``diam_labels`` and of the user's ``diameter``.
@@ -28,6 +31,7 @@ log = logging.getLogger("cp3d")
 TRIAL_FACTORS = (0.5, 1.0, 2.0, 4.0)  # times the model's training diameter
 MIN_DIAMETER, MAX_DIAMETER = 4.0, 1000.0
 MIN_MASKS = 5  # a trial with fewer masks says nothing (one merged blob "agrees" with any size)
+AGREE = math.log(1.25)  # |log(median / trial)| under which a trial's masks agree with it
 MAX_SIDE = 384  # network-scale plane side: larger planes are cropped to their centre
 # Refinements are cheap (a few 2D planes each) and may need to be many: a trial that splits
 # textured nuclei into pieces measures pieces slightly larger than itself, and the estimate
@@ -63,6 +67,16 @@ def pick_planes(lz: int, n_planes: int) -> np.ndarray:
         return np.arange(lz)
     lo, hi = 0.1 * (lz - 1), 0.9 * (lz - 1)
     return np.unique(np.round(np.linspace(lo, hi, n_planes)).astype(int))
+
+
+def pick_trial(medians: dict[float, float], agree: float = AGREE) -> float:
+    """The trial diameter to refine from, given the median mask diameter found at each: the
+    smallest whose masks agree with it (see the module's docstring), else the closest."""
+    def gap(trial: float) -> float:
+        return abs(math.log(medians[trial] / trial))
+
+    agreeing = [t for t in medians if gap(t) <= agree]
+    return min(agreeing) if agreeing else min(medians, key=gap)
 
 
 def estimate_diameter(
@@ -102,21 +116,17 @@ def estimate_diameter(
         return mask_diameters(_planes_masks(model, x, diameter, cancel), exclude_edges=True)
 
     steps = len(trial_factors) + max_refinements
-    best, best_gap = None, math.inf
-    for k, factor in enumerate(trial_factors):  # coarse: where do masks agree with the trial?
-        trial = default * factor
+    medians = {}  # trial -> median diameter of its masks
+    for k, trial in enumerate(sorted(default * f for f in trial_factors)):
         d = measure(trial)
         report(progress, "size", (k + 1) / steps)
-        if d.size < MIN_MASKS:
-            continue
-        gap = abs(math.log(float(np.median(d)) / trial))
-        if gap < best_gap:
-            best, best_gap = float(np.median(d)), gap
-    if best is None:
+        if d.size >= MIN_MASKS:
+            medians[trial] = float(np.median(d))
+    if not medians:
         log.warning("%s: no object found to estimate the diameter; using the model's %.1f px",
                     vol.name, default)
         return default
-    diameter = best
+    diameter = medians[pick_trial(medians)]
     for k in range(max_refinements):  # fine: run at the measured size until it settles
         d = measure(diameter)
         report(progress, "size", (len(trial_factors) + k + 1) / steps)
