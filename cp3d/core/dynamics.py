@@ -71,9 +71,12 @@ def _follow_3d(flow, scale, starts, niter, still, still_steps, ends):
             w101 = fz * (1 - fy) * fx
             w110 = fz * fy * (1 - fx)
             w111 = fz * fy * fx
-            sz = _trilinear(flow, 0, z0, z1, y0, y1, x0, x1, w000, w001, w010, w011, w100, w101, w110, w111)
-            sy = _trilinear(flow, 1, z0, z1, y0, y1, x0, x1, w000, w001, w010, w011, w100, w101, w110, w111)
-            sx = _trilinear(flow, 2, z0, z1, y0, y1, x0, x1, w000, w001, w010, w011, w100, w101, w110, w111)
+            sz = _trilinear(flow, 0, z0, z1, y0, y1, x0, x1,
+                            w000, w001, w010, w011, w100, w101, w110, w111)
+            sy = _trilinear(flow, 1, z0, z1, y0, y1, x0, x1,
+                            w000, w001, w010, w011, w100, w101, w110, w111)
+            sx = _trilinear(flow, 2, z0, z1, y0, y1, x0, x1,
+                            w000, w001, w010, w011, w100, w101, w110, w111)
             z = _clamp(z + scale * sz, hz)
             y = _clamp(y + scale * sy, hy)
             x = _clamp(x + scale * sx, hx)

@@ -39,7 +39,9 @@ def find_pairs(folder: Path, mask_filter: str = "_masks", img_filter: str = "",
     for img in list_images(folder, look_one_level_down, img_filter):
         if img.stem.endswith(mask_filter):
             continue
-        stem = img.stem[: -len(img_filter)] if img_filter and img.stem.endswith(img_filter) else img.stem
+        stem = img.stem
+        if img_filter and stem.endswith(img_filter):
+            stem = stem[: -len(img_filter)]
         for suffix in TIFF_SUFFIXES:
             gt = img.with_name(stem + mask_filter + suffix)
             if gt.exists():
@@ -50,7 +52,8 @@ def find_pairs(folder: Path, mask_filter: str = "_masks", img_filter: str = "",
     return pairs
 
 
-def evaluate(pairs: Iterable[tuple[Path, Path]], model, thresholds=THRESHOLDS, **params) -> list[Score]:
+def evaluate(pairs: Iterable[tuple[Path, Path]], model, thresholds=THRESHOLDS,
+             **params) -> list[Score]:
     """Segment each image and score it against its ground truth."""
     from .io import read_volume
     from .pipeline import segment

@@ -55,7 +55,8 @@ def _centres(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         best = np.argmin(((pts - pts.mean(axis=0)) ** 2).sum(axis=1))
         centres.append([c[best] + s.start for c, s in zip(coords, sl)])
         extents.append([s.stop - s.start for s in sl])
-    return np.array(centres, np.int64).reshape(-1, masks.ndim), np.array(extents).reshape(-1, masks.ndim)
+    return (np.array(centres, np.int64).reshape(-1, masks.ndim),
+            np.array(extents).reshape(-1, masks.ndim))
 
 
 def masks_to_flows(masks: np.ndarray, niter: int | None = None) -> np.ndarray:

@@ -164,7 +164,8 @@ def resize_volume(vol: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
         if src_z == 1 and shape[0] == 1:
             r = F.interpolate(t[None], size=shape[1:], mode="bilinear", align_corners=False)[0]
         else:
-            r = F.interpolate(t[None, None], size=shape, mode="trilinear", align_corners=False)[0, 0]
+            r = F.interpolate(t[None, None], size=shape, mode="trilinear",
+                              align_corners=False)[0, 0]
         out[k] = r.numpy()
     return out
 

@@ -162,7 +162,8 @@ def check_values(data: np.ndarray, path: Optional[Path] = None) -> None:
         raise InputError(f"image is constant (every voxel is {lo}): nothing to segment", path)
 
 
-def _resolve_axes(shape, z_axis, channel_axis, metadata_axes, path) -> tuple[Optional[int], Optional[int]]:
+def _resolve_axes(shape, z_axis, channel_axis, metadata_axes,
+                  path) -> tuple[Optional[int], Optional[int]]:
     """Return (z_axis, channel_axis) as indices into ``shape``; None where absent."""
     ndim = len(shape)
     for name, ax in (("z_axis", z_axis), ("channel_axis", channel_axis)):
@@ -329,7 +330,8 @@ def _unit_scale(unit) -> float:
     if unit is None:
         return 1.0
     unit = str(unit).strip().lower().replace("\\u00b5", "µ")
-    return {"nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "m": 1e6}.get(unit, 1.0)
+    scale = {"nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "m": 1e6}
+    return scale.get(unit, 1.0)
 
 
 def list_images(folder: str | Path, look_one_level_down: bool = False,
@@ -392,7 +394,8 @@ def check_writable(folder: str | Path) -> None:
         raise OutputError("output folder is not writable", folder)
 
 
-def imwrite(path: str | Path, data: np.ndarray, voxel_size=None, axes: Optional[str] = None) -> Path:
+def imwrite(path: str | Path, data: np.ndarray, voxel_size=None,
+            axes: Optional[str] = None) -> Path:
     """Write an ImageJ-compatible tiff atomically, with voxel size when known."""
     data = np.asarray(data)
     if axes is None:

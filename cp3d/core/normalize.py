@@ -43,7 +43,8 @@ def sharpen(plane_stack: np.ndarray, radius: float) -> np.ndarray:
     return x - ndimage.gaussian_filter(x, sigma)
 
 
-def normalize_tiles(img: np.ndarray, blocksize: int, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
+def normalize_tiles(img: np.ndarray, blocksize: int, lower: float = 1.0,
+                    upper: float = 99.0) -> np.ndarray:
     """Normalize each XY block of ``blocksize`` pixels by its own percentiles (``tile_norm``),
     with the per-block low/high values interpolated smoothly so no block edges show.
 

@@ -234,7 +234,8 @@ def _check_memory(vol: Volume, anisotropy: float, path) -> None:
             f"segment but {available / 1e9:.1f} GB are free; crop or downsample it", path)
 
 
-def segment_file(path: Union[str, Path], model=None, z_axis=None, channel_axis=None, **params) -> tuple[Volume, Result]:
+def segment_file(path: Union[str, Path], model=None, z_axis=None, channel_axis=None,
+                 **params) -> tuple[Volume, Result]:
     """Read then segment one file (a convenience for scripts)."""
     from .io import read_volume
 
