@@ -52,14 +52,11 @@ def _disks(diameter: float, side: int = 256) -> np.ndarray:
     return plane
 
 
-def test_estimate_follows_masks_that_creep_up_to_the_true_size(model, monkeypatch):
-    """Masks measured on a real nuclear stain (cellpose's rgb_3D test stack, channel 0) at
-    trial diameters 6-40: a small trial splits the textured nuclei into pieces a little larger
-    than itself, so the estimate must keep refining until it settles near 22 px."""
+def _estimate_on_curve(model, monkeypatch, trial, measured) -> float:
+    """The estimate when the masks found at a trial diameter have the median size that
+    ``measured`` gives at ``trial`` (log-interpolated): a recorded curve stands in for the
+    network."""
     import cp3d.core.size as size
-
-    trial = [6, 8, 10, 12, 15, 19, 24, 30, 40, 60]
-    measured = [6.2, 9.0, 11.9, 13.7, 19.4, 20.6, 25.3, 25.2, 22.8, 24.1]
 
     def fake_masks(model, x, diameter, cancel):
         d = float(np.exp(np.interp(np.log(diameter), np.log(trial), np.log(measured))))
@@ -68,7 +65,17 @@ def test_estimate_follows_masks_that_creep_up_to_the_true_size(model, monkeypatc
     monkeypatch.setattr(size, "_planes_masks", fake_masks)
     volume = np.zeros((6, 64, 64), np.float32)
     volume[:, 20:40, 20:40] = 1.0
-    assert estimate_diameter(volume, model) == pytest.approx(24.0, rel=0.15)
+    return estimate_diameter(volume, model)
+
+
+def test_estimate_follows_masks_that_creep_up_to_the_true_size(model, monkeypatch):
+    """Masks measured on a real nuclear stain (cellpose's rgb_3D test stack, channel 0) at
+    trial diameters 6-40: a small trial splits the textured nuclei into pieces a little larger
+    than itself, so the estimate must keep refining until it settles near 22 px."""
+    trial = [6, 8, 10, 12, 15, 19, 24, 30, 40, 60]
+    measured = [6.2, 9.0, 11.9, 13.7, 19.4, 20.6, 25.3, 25.2, 22.8, 24.1]
+    assert _estimate_on_curve(model, monkeypatch, trial, measured) == pytest.approx(
+        24.0, rel=0.15)
 
 
 def test_pick_trial_prefers_the_smallest_agreeing_trial():
@@ -83,17 +90,8 @@ def test_estimate_is_not_drawn_to_merged_blobs(model, monkeypatch):
     """Masks measured with an embryo-tuned candidate model on packed 8-px nuclei (seed 3011)
     at trial diameters 7-57: trials of 28 px and more merge neighbours into blobs that agree
     with the trial, so the estimate must start from the small trial and stay near 8 px."""
-    import cp3d.core.size as size
-
     trial = [7.1, 10.0, 14.1, 19.9, 28.2, 40.0, 56.5]
     measured = [7.4, 7.8, 8.8, 12.4, 27.8, 31.6, 35.9]
-
-    def fake_masks(model, x, diameter, cancel):
-        d = float(np.exp(np.interp(np.log(diameter), np.log(trial), np.log(measured))))
-        return np.stack([_disks(d)] * x.shape[1])
-
-    monkeypatch.setattr(size, "_planes_masks", fake_masks)
     monkeypatch.setattr(model, "diam_labels", 14.12)
-    volume = np.zeros((6, 64, 64), np.float32)
-    volume[:, 20:40, 20:40] = 1.0
-    assert estimate_diameter(volume, model) == pytest.approx(8.1, rel=0.15)
+    assert _estimate_on_curve(model, monkeypatch, trial, measured) == pytest.approx(
+        8.1, rel=0.15)
