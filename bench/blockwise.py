@@ -1,7 +1,7 @@
 """Blockwise segmentation of volumes on disk: time per voxel and peak memory, against the
 in-memory pipeline on the smallest size measured in the same run.
 
-    python bench/blockwise.py       # the goal's ladder: 256^3 (also in memory), 512^3, 512x1024x1024
+    python bench/blockwise.py    # the goal's ladder: 256^3 (also in memory), 512^3, 512x1024x1024
     python bench/blockwise.py --sizes 128,128,128 128,256,256 --block_size 128   # a quick look
 
 Sizes are Z,Y,X. The default ladder takes about an hour on 2 CPU cores.

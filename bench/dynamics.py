@@ -125,7 +125,8 @@ def main() -> None:
             results[method] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"volume {shape}, {int(gt.max())} nuclei, {int((cellprob > 0).sum())} foreground voxels")
     for r in results.values():
-        print(f"{r['method']:9s} {r['seconds']:7.2f} s  peak extra {r['extra_bytes'] / 1e6:7.0f} MB "
+        print(f"{r['method']:9s} {r['seconds']:7.2f} s  "
+              f"peak extra {r['extra_bytes'] / 1e6:7.0f} MB "
               f"({r['extra_bytes'] / voxels:5.1f} B/voxel)  AP@0.5 {r['ap50']:.3f}  "
               f"AP@0.9 {r['ap90']:.3f}  masks {r['n']}")
     ours, base = results["cp3d"], results["baseline"]

@@ -35,7 +35,8 @@ def one_run(extra_env: dict | None = None) -> tuple[float, float, bool]:
             visible = "visible=True" in line
     proc.wait(timeout=60)
     if seen is None:
-        raise RuntimeError(f"the app did not report a window (rc={proc.returncode}):\n{proc.stderr.read()}")
+        raise RuntimeError(f"the app did not report a window (rc={proc.returncode}):\n"
+                           f"{proc.stderr.read()}")
     return seen, inner, visible
 
 
@@ -51,7 +52,8 @@ def main() -> int:
               f"(in-process from main import: {inner:.2f} s)")
     # torch must not be imported before the window shows: check in a probe of its own
     out = subprocess.run([sys.executable, "-c",
-                          "import sys, cp3d.app.main, cp3d.app.window; print('torch' in sys.modules)"],
+                          "import sys, cp3d.app.main, cp3d.app.window; "
+                          "print('torch' in sys.modules)"],
                          capture_output=True, text=True)
     print(f"median {statistics.median(times):.2f} s, best {min(times):.2f} s "
           f"(target < 3 s); torch imported at startup: {out.stdout.strip()}")

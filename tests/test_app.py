@@ -31,7 +31,8 @@ pytestmark = pytest.mark.gui
 
 # --------------------------------------------------------------------------- helpers
 
-def blobs_volume(shape=(12, 48, 48), centers=((6, 14, 14), (6, 34, 30), (5, 14, 36)), r=6.0, seed=0):
+def blobs_volume(shape=(12, 48, 48), centers=((6, 14, 14), (6, 34, 30), (5, 14, 36)),
+                 r=6.0, seed=0):
     """uint16 volume of bright balls on noise, and their ground-truth labels."""
     rng = np.random.default_rng(seed)
     zz, yy, xx = np.indices(shape)
@@ -664,7 +665,8 @@ def test_model_box_starts_on_the_default_model_not_the_first_listed(qtbot):
 
     panel = SegmentationPanel()
     qtbot.addWidget(panel)
-    infos = [ModelInfo("cp3d_cyto", Path("a.pth"), True), ModelInfo("cp3d_nuclei", Path("b.pth"), True),
+    infos = [ModelInfo("cp3d_cyto", Path("a.pth"), True),
+             ModelInfo("cp3d_nuclei", Path("b.pth"), True),
              ModelInfo("mine", Path("c.pth"), False)]
     panel.set_models(infos)
     assert panel.model_name() == "cp3d_nuclei"

@@ -118,7 +118,8 @@ def test_progress_reports_every_stage_and_cancel_stops():
     model = model_for(img)
     stages = []
     segment(volume_from_array(img), model, progress=lambda s, f: stages.append(s))
-    for stage in ("size", "normalize", "prediction YX", "prediction ZX", "prediction ZY", "dynamics"):
+    for stage in ("size", "normalize", "prediction YX", "prediction ZX", "prediction ZY",
+                  "dynamics"):
         assert stage in stages
     token = CancelToken()
 

@@ -345,7 +345,8 @@ class LabelingWindow(QMainWindow):
         self.progress.setValue(0)
         self.progress.show()
         self.cancel_button.show()
-        self.statusBar().showMessage(f"Predicting {self.path.name} with {model or 'the default model'}...")
+        self.statusBar().showMessage(
+            f"Predicting {self.path.name} with {model or 'the default model'}...")
         self.thread = start_worker(self.worker)
         self._update()
 

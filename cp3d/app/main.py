@@ -49,7 +49,8 @@ def _set_icon(app) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="cp3d", description="cp3d: 3D cell segmentation (desktop app)")
+    ap = argparse.ArgumentParser(prog="cp3d",
+                                 description="cp3d: 3D cell segmentation (desktop app)")
     ap.add_argument("files", nargs="*", help="TIFF images to open (and segment, if auto-run is on)")
     ap.add_argument("--no-3d", action="store_true", help="turn off the OpenGL 3D view")
     ap.add_argument("--startup-probe", action="store_true", help=argparse.SUPPRESS)

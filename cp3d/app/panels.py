@@ -74,10 +74,12 @@ class SegmentationPanel(QGroupBox):
         self.anisotropy = QDoubleSpinBox(decimals=2, minimum=0.05, maximum=100.0, singleStep=0.1)
         self.mode = QComboBox()
         self.mode.addItems(["3D (do_3D)", "2D + stitch"])
-        self.stitch_threshold = QDoubleSpinBox(decimals=2, minimum=0.0, maximum=1.0, singleStep=0.05)
+        self.stitch_threshold = QDoubleSpinBox(decimals=2, minimum=0.0, maximum=1.0,
+                                               singleStep=0.05)
         self.flow3D_smooth = QDoubleSpinBox(decimals=1, minimum=0.0, maximum=20.0, singleStep=0.5)
         self.min_size = QSpinBox(minimum=-1, maximum=10_000_000)
-        self.cellprob_threshold = QDoubleSpinBox(decimals=1, minimum=-8.0, maximum=8.0, singleStep=0.5)
+        self.cellprob_threshold = QDoubleSpinBox(decimals=1, minimum=-8.0, maximum=8.0,
+                                                 singleStep=0.5)
         self.niter = QSpinBox(minimum=0, maximum=10_000)
         self.niter.setSpecialValueText("auto")
         self.chan = QSpinBox(minimum=0, maximum=16)
@@ -98,7 +100,8 @@ class SegmentationPanel(QGroupBox):
                                    "that stay within 4 GB each")
         self.autorun = QCheckBox("Run when a file is opened")
         self.autorun.setToolTip("Start segmentation as soon as an image is opened or dropped; "
-                                "results are saved next to the image (NAME_seg.npy, NAME_cp_masks.tif).")
+                                "results are saved next to the image "
+                                "(NAME_seg.npy, NAME_cp_masks.tif).")
         self.autorun.setChecked(True)
 
         rows = [
@@ -174,7 +177,8 @@ class SegmentationPanel(QGroupBox):
         for info in infos:
             tag = "" if getattr(info, "bundled", False) else "  (user)"
             self.model.addItem(f"{info.name}{tag}", str(info.name))
-            self.model.setItemData(self.model.count() - 1, str(getattr(info, "path", "")), Qt.ToolTipRole)
+            self.model.setItemData(self.model.count() - 1, str(getattr(info, "path", "")),
+                                   Qt.ToolTipRole)
         if keep and self.model.findData(keep) < 0 and keep.endswith(".pth"):
             self.add_model_path(keep)
         self.model.addItem(LOAD_PTH, LOAD_PTH)
@@ -191,7 +195,8 @@ class SegmentationPanel(QGroupBox):
         if i < 0:
             from pathlib import Path
 
-            at = max(0, self.model.count() - 1) if self.model.findData(LOAD_PTH) >= 0 else self.model.count()
+            at = (max(0, self.model.count() - 1) if self.model.findData(LOAD_PTH) >= 0
+                  else self.model.count())
             self.model.insertItem(at, Path(path).name, path)
             self.model.setItemData(at, path, Qt.ToolTipRole)
             i = at
@@ -267,7 +272,8 @@ class SegmentationPanel(QGroupBox):
             self.stitch_threshold.setValue(get("stitch_threshold", float, d["stitch_threshold"]))
             self.flow3D_smooth.setValue(get("flow3D_smooth", float, d["flow3D_smooth"]))
             self.min_size.setValue(get("min_size", int, d["min_size"]))
-            self.cellprob_threshold.setValue(get("cellprob_threshold", float, d["cellprob_threshold"]))
+            self.cellprob_threshold.setValue(
+                get("cellprob_threshold", float, d["cellprob_threshold"]))
             self.niter.setValue(get("niter", int, d["niter"]))
             self.chan.setValue(get("chan", int, d["chan"]))
             self.chan2.setValue(get("chan2", int, d["chan2"]))
@@ -295,7 +301,8 @@ class DisplayPanel(QGroupBox):
         form = QFormLayout()
         form.setLabelAlignment(Qt.AlignRight)
         self.channel = QComboBox()
-        self.channel.setToolTip("Channel shown in all views (does not change what is segmented: see chan)")
+        self.channel.setToolTip("Channel shown in all views "
+                                "(does not change what is segmented: see chan)")
         form.addRow("channel", self.channel)
 
         self.low = QSlider(Qt.Horizontal)

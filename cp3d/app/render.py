@@ -67,7 +67,8 @@ def plane(vol: np.ndarray, view: str, pos: tuple[int, int, int]) -> np.ndarray:
     return orient(vol[plane_index(view, pos)], view)
 
 
-def plane_to_voxel(view: str, row: int, col: int, pos: tuple[int, int, int]) -> tuple[int, int, int]:
+def plane_to_voxel(view: str, row: int, col: int,
+                   pos: tuple[int, int, int]) -> tuple[int, int, int]:
     """Voxel (z, y, x) under pixel (row, col) of a plane drawn by :func:`plane`."""
     z, y, x = pos
     if view == "xy":
@@ -135,7 +136,8 @@ def compose(
     return out.round().astype(np.uint8)
 
 
-def downsample_for_3d(vol: np.ndarray, max_voxels: int = 12_000_000, max_side: int = 512) -> tuple[np.ndarray, tuple[int, int, int]]:
+def downsample_for_3d(vol: np.ndarray, max_voxels: int = 12_000_000,
+                      max_side: int = 512) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Strided (nearest) subsample so a 3D texture stays small; returns (array, steps)."""
     shape = vol.shape
     steps = [1, 1, 1]

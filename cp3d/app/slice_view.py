@@ -86,7 +86,8 @@ class SliceView(QWidget):
     def pixel_to_widget(self, row: float, col: float) -> QPointF:
         t = self._target()
         h, w = self._shape
-        return QPointF(t.left() + (col + 0.5) / w * t.width(), t.top() + (row + 0.5) / h * t.height())
+        return QPointF(t.left() + (col + 0.5) / w * t.width(),
+                       t.top() + (row + 0.5) / h * t.height())
 
     # ---- painting --------------------------------------------------------------------
     def paintEvent(self, event) -> None:
@@ -137,7 +138,8 @@ class SliceView(QWidget):
         self.update()
 
     def wheelEvent(self, event) -> None:
-        steps = event.angleDelta().y() // 120 or (1 if event.angleDelta().y() > 0 else -1 if event.angleDelta().y() < 0 else 0)
+        steps = event.angleDelta().y() // 120 or (
+            1 if event.angleDelta().y() > 0 else -1 if event.angleDelta().y() < 0 else 0)
         if not steps:
             return
         if event.modifiers() & Qt.ControlModifier:

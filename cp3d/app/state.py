@@ -173,7 +173,8 @@ class AppState:
         self.events.emit("masks")
 
     # ---- cursor, selection, display -----------------------------------------------------
-    def set_position(self, z: int | None = None, y: int | None = None, x: int | None = None) -> None:
+    def set_position(self, z: int | None = None, y: int | None = None,
+                     x: int | None = None) -> None:
         if self.shape is None:
             return
         new = list(self.position)

@@ -103,7 +103,8 @@ class LossPlot(QWidget):
             p.drawText(QPointF(4, y + fm.ascent() / 2), f"{ymax * frac:.3g}")
         p.drawText(QPointF(box.left(), box.bottom() + fm.height() + 2), "1")
         last = str(self.n_epochs)
-        p.drawText(QPointF(box.right() - fm.horizontalAdvance(last), box.bottom() + fm.height() + 2), last)
+        p.drawText(QPointF(box.right() - fm.horizontalAdvance(last),
+                           box.bottom() + fm.height() + 2), last)
         mid = "epoch"
         p.drawText(QPointF(box.center().x() - fm.horizontalAdvance(mid) / 2,
                            box.bottom() + fm.height() + 2), mid)

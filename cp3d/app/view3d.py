@@ -98,7 +98,8 @@ class View3D:
         self.canvas.events.mouse_release.connect(self._mouse_release)
 
     # ---- data ------------------------------------------------------------------------
-    def set_image(self, data: np.ndarray | None, clim: tuple[float, float], anisotropy: float = 1.0) -> None:
+    def set_image(self, data: np.ndarray | None, clim: tuple[float, float],
+                  anisotropy: float = 1.0) -> None:
         """data (Z, Y, X) of one channel; resets the camera when the shape changes."""
         scene = self._scene
         if data is None:

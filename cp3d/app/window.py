@@ -209,7 +209,8 @@ class MainWindow(QMainWindow):
         self.display_panel.changed.connect(self._display_changed)
         self.display_panel.auto_contrast_requested.connect(self._auto_contrast)
 
-        self.selection_label = QLabel("Click a mask to select it. Ctrl+click adds to the selection.")
+        self.selection_label = QLabel(
+            "Click a mask to select it. Ctrl+click adds to the selection.")
         self.selection_label.setWordWrap(True)
         self.delete_button = QPushButton("Delete (Del)")
         self.merge_button = QPushButton("Merge (M)")
@@ -408,7 +409,8 @@ class MainWindow(QMainWindow):
         QTimer.singleShot(0, lambda: self.open_paths(paths))
 
     def open_dialog(self) -> None:
-        start = str(self.state.path.parent) if self.state.path else str(self.settings.value("last_dir", ""))
+        start = (str(self.state.path.parent) if self.state.path
+                 else str(self.settings.value("last_dir", "")))
         files, _ = QFileDialog.getOpenFileNames(
             self, "Open images", start, "TIFF images (*.tif *.tiff);;All files (*)")
         if files:
@@ -650,7 +652,8 @@ class MainWindow(QMainWindow):
             return
         self._run_weights = STAGES_3D if params["do_3D"] else STAGES_2D
         shown = {k: v for k, v in params.items()}
-        log.info("segmenting %s with model %s: %s", self.state.path.name if self.state.path else "image",
+        log.info("segmenting %s with model %s: %s",
+                 self.state.path.name if self.state.path else "image",
                  model or "default", ", ".join(f"{k}={v}" for k, v in shown.items()))
         worker = SegmentWorker(self.backend, self.state.volume, model, params, save=True)
         self._start(worker, self._on_succeeded, "Segmentation")
@@ -884,7 +887,8 @@ class MainWindow(QMainWindow):
         so the saved _seg.npy keeps its flows for Cellpose's GUI."""
         st = self.state
         r = self.last_result
-        if r is not None and getattr(r, "masks", None) is not None and np.shape(r.masks) == st.masks.shape:
+        if (r is not None and getattr(r, "masks", None) is not None
+                and np.shape(r.masks) == st.masks.shape):
             try:
                 return dataclasses.replace(r, masks=st.masks)
             except TypeError:  # not a dataclass (fake results in tests)
@@ -926,7 +930,8 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage(READ_ONLY_MSG, 8000)
             return
         if len(self.state.selection) < 2:
-            self.statusBar().showMessage("Select two masks to merge: click one, Ctrl+click the other", 5000)
+            self.statusBar().showMessage(
+                "Select two masks to merge: click one, Ctrl+click the other", 5000)
             return
         sel = list(self.state.selection)
         target = self.state.merge_labels()
@@ -1006,8 +1011,10 @@ class MainWindow(QMainWindow):
             return
         if self.layout_mode != "all" or self.state.is_2d:
             for i in (0, 1):
-                self.grid.setColumnStretch(i, 1 if self._grid_cell_visible(0, i) or self._grid_cell_visible(1, i) else 0)
-                self.grid.setRowStretch(i, 1 if self._grid_cell_visible(i, 0) or self._grid_cell_visible(i, 1) else 0)
+                self.grid.setColumnStretch(
+                    i, 1 if self._grid_cell_visible(0, i) or self._grid_cell_visible(1, i) else 0)
+                self.grid.setRowStretch(
+                    i, 1 if self._grid_cell_visible(i, 0) or self._grid_cell_visible(i, 1) else 0)
             return
         z, y, x = self.state.shape
         zz = z * self.state.anisotropy
@@ -1083,7 +1090,8 @@ class MainWindow(QMainWindow):
             self.view3d.set_method("mip" if p.render3d.currentIndex() == 0 else "translucent")
             if masks_toggled:
                 self.view3d.set_masks(st.masks if show_masks else None, st.selection)
-            self.view3d.set_visible_layers(p.image3d.isChecked(), p.masks3d.isChecked() and show_masks)
+            self.view3d.set_visible_layers(p.image3d.isChecked(),
+                                           p.masks3d.isChecked() and show_masks)
         self._redraw()
 
     def _auto_contrast(self) -> None:
@@ -1126,7 +1134,8 @@ class MainWindow(QMainWindow):
         xy = image_planes["xy"]
         value = "..." if xy is None else f"{xy[pos[1], pos[2]]:.4g}"
         lab = st.label_at(*pos)
-        self.pos_label.setText(f"(z, y, x) = {pos}   value {value}" + (f"   mask {lab}" if lab else ""))
+        self.pos_label.setText(f"(z, y, x) = {pos}   value {value}"
+                               + (f"   mask {lab}" if lab else ""))
 
     def _update_selection_label(self) -> None:
         st = self.state
@@ -1270,7 +1279,8 @@ class MainWindow(QMainWindow):
 
     def _view_dragged(self, view: str, row: int, col: int) -> None:
         if self.state.image is not None:
-            self.state.set_position(*render.plane_to_voxel(view, row, col, tuple(self.state.position)))
+            self.state.set_position(
+                *render.plane_to_voxel(view, row, col, tuple(self.state.position)))
 
     def _view_scrolled(self, view: str, steps: int) -> None:
         st = self.state

@@ -18,7 +18,8 @@ log = logging.getLogger("cp3d.app")
 # "size": the diameter estimate segment() runs when diameter is 0 (auto).
 STAGES_3D = {"model": 0.03, "size": 0.08, "normalize": 0.02, "prediction YX": 0.22,
              "prediction ZX": 0.22, "prediction ZY": 0.22, "dynamics": 0.27, "saving": 0.02}
-STAGES_2D = {"model": 0.05, "size": 0.15, "normalize": 0.03, "prediction": 0.5, "dynamics": 0.38, "saving": 0.04}
+STAGES_2D = {"model": 0.05, "size": 0.15, "normalize": 0.03, "prediction": 0.5,
+             "dynamics": 0.38, "saving": 0.04}
 STAGES_DIAMETER = {"model": 0.1, "size": 0.9}
 STAGES_CROPS = {"crops": 1.0}
 STAGES_BLOCKWISE = {"model": 0.02, "preparing": 0.08, "block": 0.85, "merging": 0.05}

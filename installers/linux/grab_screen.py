@@ -29,7 +29,8 @@ def main() -> int:
     arr = arr.reshape(h, img.bytesPerLine() // 4, 4)[:, :w, :3]
     lit = float((arr.max(axis=2) > 8).mean())
     colours = len(np.unique(arr.reshape(-1, 3) @ np.array([1, 256, 65536])))
-    print(f"screenshot {w}x{h}: {lit:.0%} non-black, {colours} colours, std {arr.std():.1f} -> {out}")
+    print(f"screenshot {w}x{h}: {lit:.0%} non-black, {colours} colours, "
+          f"std {arr.std():.1f} -> {out}")
     if lit < MIN_LIT or colours < MIN_COLOURS:
         print(f"blank screenshot (need >= {MIN_LIT:.0%} non-black and >= {MIN_COLOURS} colours)")
         return 1
