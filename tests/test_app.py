@@ -672,3 +672,30 @@ def test_model_box_starts_on_the_default_model_not_the_first_listed(qtbot):
     assert panel.model_name() == "cp3d_nuclei"
     panel.set_models(infos, current="mine")  # a user's choice is kept
     assert panel.model_name() == "mine"
+
+
+def test_slice_view_wheel_scrolls_planes_and_ctrl_wheel_zooms(qtbot):
+    """A notch (120) is one plane, a fine wheel's partial step still moves one, either way;
+    Ctrl+wheel zooms by 1.25 per notch instead of scrolling."""
+    from PySide6.QtGui import QWheelEvent
+
+    from cp3d.app.slice_view import SliceView
+
+    view = SliceView("xy")
+    qtbot.addWidget(view)
+    view.resize(200, 200)
+    view.set_image(np.zeros((50, 50, 3), np.uint8))
+    got = []
+    view.scrolled.connect(got.append)
+
+    def wheel(dy, modifiers=Qt.NoModifier):
+        event = QWheelEvent(QPointF(100, 100), QPointF(100, 100), QPoint(0, 0), QPoint(0, dy),
+                            Qt.NoButton, modifiers, Qt.NoScrollPhase, False)
+        view.wheelEvent(event)
+
+    for dy in (120, 240, -120, 30, -30, 0):
+        wheel(dy)
+    assert got == [1, 2, -1, 1, -1]
+    wheel(240, Qt.ControlModifier)
+    assert got == [1, 2, -1, 1, -1]
+    assert view.zoom == pytest.approx(1.25 ** 2)

@@ -138,8 +138,8 @@ class SliceView(QWidget):
         self.update()
 
     def wheelEvent(self, event) -> None:
-        steps = event.angleDelta().y() // 120 or (
-            1 if event.angleDelta().y() > 0 else -1 if event.angleDelta().y() < 0 else 0)
+        dy = event.angleDelta().y()
+        steps = dy // 120 or int(np.sign(dy))  # a fine-grained wheel's partial step counts as one
         if not steps:
             return
         if event.modifiers() & Qt.ControlModifier:
