@@ -2,6 +2,7 @@
 
     python bench/quality.py [--model cp3d_nuclei] [--kind nuclei|cells] [--n_synth 4]
                             [--real ../shared/data/real] [--augment]
+                            [--sparse] [--diameter_range LO HI] [--synthetic_only]
 
 Rows: fresh synthetic volumes (seeds >= 1000; training uses seeds below 1000) of the chosen
 kind (cells: every other one with a nuclear channel, given as chan2), and for nuclei the bundled
@@ -59,6 +60,9 @@ def main() -> None:
     ap.add_argument("--sparse", action="store_true",
                     help="nuclei only: sparse volumes (fill drawn log-uniformly in 0.01-0.15 "
                          "instead of 0.2-0.6, as in embryos and cleared tissue)")
+    ap.add_argument("--diameter_range", type=float, nargs=2, default=None,
+                    help="draw each synthetic volume's object diameter log-uniformly in LO HI "
+                         "(px) instead of 8-40, e.g. 3.5 8 for cleared-tissue nuclei")
     ap.add_argument("--synthetic_only", action="store_true",
                     help="skip the bundled sample and the real volumes")
     ap.add_argument("--real", type=Path,
@@ -72,7 +76,11 @@ def main() -> None:
         if args.sparse:
             overrides = dict(fill=float(np.exp(np.random.default_rng([seed, 9]).uniform(
                 np.log(0.01), np.log(0.15)))))
-        vol, gt, meta, kw = synthetic_case(seed, args.kind, overrides)
+        diameter = None
+        if args.diameter_range:
+            lo, hi = np.log(args.diameter_range)
+            diameter = float(np.exp(np.random.default_rng([seed, 7]).uniform(lo, hi)))
+        vol, gt, meta, kw = synthetic_case(seed, args.kind, overrides, diameter)
         name = f"{args.kind}{seed}{' sparse' if args.sparse else ''}{' +nuc' if kw else ''}"
         given.append(run(f"{name} given", vol, gt, model, meta["diameter"],
                          meta["anisotropy"], **kw))

@@ -44,6 +44,11 @@ SMALL_SEEDS_FROM = 500  # extra small-object volumes: seeds 500.., never used fo
 DIM_SEEDS_FROM = 700  # extra volumes with many dim objects: seeds 700..
 SPARSE_SEEDS_FROM = 800  # extra volumes of sparse nuclei: seeds 800..899
 UNEVEN_SEEDS_FROM = 600  # extra volumes of embryo-like nuclei: seeds 600..699
+TINY_SEEDS_FROM = 400  # extra volumes of tiny sparse nuclei: seeds 400..499
+# Cleared tissue under a light sheet (e.g. mesoSPIM brain nuclei): sparse nuclei of 3-8 px,
+# below the main range (8-40 px) and often stretched in Z.
+TINY_DIAMETERS = (3.5, 8.0)
+TINY_RANGES = dict(fill=(0.01, 0.12))
 # Early embryos and organoids (e.g. QCANet's mouse embryos): few large, grainy nuclei whose
 # brightness differs 4x, some dim, under a long Z blur at low SNR. Each generator parameter is
 # drawn log-uniformly in its range; diameter and anisotropy as below.
@@ -108,6 +113,9 @@ def main() -> None:
     ap.add_argument("--n_uneven", type=int, default=0,
                     help="extra volumes (seeds 600..) of sparse, large, unevenly bright, grainy "
                          "nuclei, as in early embryos (UNEVEN_RANGES)")
+    ap.add_argument("--n_tiny", type=int, default=0,
+                    help="extra volumes (seeds 400..) of tiny (TINY_DIAMETERS), sparse nuclei, "
+                         "as in cleared tissue")
     ap.add_argument("--fill_range", type=float, nargs=2, default=[0.01, 0.15])
     ap.add_argument("--nbase", type=int, nargs="+", default=[2, 16, 32, 64, 128])
     ap.add_argument("--bsize", type=int, default=160)
@@ -146,6 +154,11 @@ def main() -> None:
             args.kind, min_objects=1, diameters=UNEVEN_DIAMETERS,
             anisotropies=UNEVEN_ANISOTROPIES, ranges=UNEVEN_RANGES)
         samples, vols = samples + uneven, vols + uneven_vols
+    if args.n_tiny:
+        tiny, tiny_vols = build_samples(
+            range(TINY_SEEDS_FROM, TINY_SEEDS_FROM + args.n_tiny), args.n_per_axis, nchan,
+            args.kind, min_objects=1, diameters=TINY_DIAMETERS, ranges=TINY_RANGES)
+        samples, vols = samples + tiny, vols + tiny_vols
     data = f"synthetic {args.kind} volumes (cp3d.core.synth.random_volume), seeds " \
            f"0-{args.n_volumes - 1}"
     if args.n_small:
@@ -163,6 +176,10 @@ def main() -> None:
     if args.n_uneven:
         data += f" + {args.n_uneven} embryo-like (sparse, large, unevenly bright; seeds " \
                 f"{UNEVEN_SEEDS_FROM}-{UNEVEN_SEEDS_FROM + args.n_uneven - 1})"
+    if args.n_tiny:
+        lo, hi = TINY_DIAMETERS
+        data += f" + {args.n_tiny} tiny sparse ({lo:g}-{hi:g} px, seeds {TINY_SEEDS_FROM}-" \
+                f"{TINY_SEEDS_FROM + args.n_tiny - 1})"
     data += f", {len(samples)} planes in YX/ZY/ZX"
     test, _ = build_samples(TEST_SEEDS, 2, nchan, args.kind)
     print(f"{len(samples)} training planes from {len(vols)} volumes, {len(test)} held-out, "

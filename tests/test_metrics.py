@@ -1,6 +1,6 @@
 import numpy as np
 
-from cp3d.core.evaluate import Score, format_table
+from cp3d.core.evaluate import Score, format_table, synthetic_case
 from cp3d.core.metrics import average_precision, matching_iou
 
 
@@ -46,3 +46,10 @@ def test_score_table_keeps_long_names_whole_and_aligned():
     assert lines[2].startswith(long + " ")
     assert lines[2].index("0.900") == lines[3].index("0.700") > lines[0].index("AP@0.5")
     assert lines[-1].split()[1:] == ["0.800", "0.400", "0.050"]
+
+
+def test_synthetic_case_takes_the_object_diameter_and_overrides_asked_for():
+    vol, gt, meta, kw = synthetic_case(1200, "nuclei", {"fill": 0.05}, diameter=5.0)
+    assert meta["diameter"] == 5.0 and meta["fill"] == 0.05 and kw == {}
+    assert vol.shape_zyx == gt.shape and gt.max() >= 5
+    assert 3.0 < meta["diameter_measured"] < 7.0  # the objects drawn are that size

@@ -25,3 +25,26 @@ def test_unknown_generator_parameter_in_a_range_is_refused(load_script):
     tb = load_script("train_bundled")
     with pytest.raises(ValueError, match="no_such"):
         tb.build_samples([tb.UNEVEN_SEEDS_FROM], 1, 2, "nuclei", ranges={"no_such": (1.0, 2.0)})
+
+
+def test_tiny_set_draws_small_sparse_nuclei(load_script):
+    tb = load_script("train_bundled")
+    seeds = range(tb.TINY_SEEDS_FROM, tb.TINY_SEEDS_FROM + 3)
+    samples, vols = tb.build_samples(seeds, 1, 2, "nuclei", min_objects=1,
+                                     diameters=tb.TINY_DIAMETERS, ranges=tb.TINY_RANGES)
+    assert len(samples) > 0
+    for seed, diameter, _, _ in vols:
+        assert tb.TINY_DIAMETERS[0] <= diameter <= tb.TINY_DIAMETERS[1]
+        _, labels, meta = random_volume(seed, "nuclei", diameter=diameter,
+                                        overrides={"fill": 0.05})
+        assert meta["fill"] == 0.05 and labels.max() >= 1
+
+
+def test_extra_sets_use_seeds_apart_from_each_other_and_from_evaluation(load_script):
+    """Each extra set has 100 seeds below 1000 (evaluation) and outside 900-999 (validation)."""
+    tb = load_script("train_bundled")
+    starts = sorted([tb.TINY_SEEDS_FROM, tb.SMALL_SEEDS_FROM, tb.UNEVEN_SEEDS_FROM,
+                     tb.DIM_SEEDS_FROM, tb.SPARSE_SEEDS_FROM])
+    assert starts[0] >= 100  # the main volumes: seeds 0..
+    assert all(b - a >= 100 for a, b in zip(starts, starts[1:]))
+    assert starts[-1] + 100 <= 900 and min(tb.TEST_SEEDS) >= 1000

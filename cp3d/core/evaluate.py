@@ -88,18 +88,20 @@ def format_table(scores: Sequence[Score], thresholds=THRESHOLDS, mean: bool = Tr
     return "\n".join(lines)
 
 
-def synthetic_case(seed: int, kind: str = "nuclei", overrides: Optional[dict] = None):
+def synthetic_case(seed: int, kind: str = "nuclei", overrides: Optional[dict] = None,
+                   diameter: Optional[float] = None):
     """(volume, ground truth, meta, segment kwargs) of one evaluation volume of the generator.
 
     Cells: every even seed has a nuclear channel, given as chan2 (chan=1, chan2=2).
-    ``overrides``: drawn parameters to replace (:func:`cp3d.core.synth.random_volume`)."""
+    ``overrides``: drawn parameters to replace (:func:`cp3d.core.synth.random_volume`);
+    ``diameter``: the object diameter instead of the drawn one."""
     import numpy as np
 
     from .io import volume_from_array
     from .synth import random_volume
 
     two = kind == "cells" and seed % 2 == 0
-    img, gt, meta = random_volume(seed, kind, nuclear_channel=two, dtype=np.uint16,
-                                  overrides=overrides)
+    img, gt, meta = random_volume(seed, kind, diameter=diameter, nuclear_channel=two,
+                                  dtype=np.uint16, overrides=overrides)
     vol = volume_from_array(img, z_axis=0 if two else None, channel_axis=1 if two else None)
     return vol, gt, meta, (dict(chan=1, chan2=2) if two else {})
