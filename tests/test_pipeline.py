@@ -96,6 +96,29 @@ def test_rescale_by_diameter_keeps_masks():
     assert ap[0] >= 0.95, ap
 
 
+def test_log_names_the_grid_the_network_runs_on(caplog):
+    """Diameter 15 and anisotropy 2 on 24 x 64 x 64: the network sees 96 x 128 x 128 voxels,
+    96 YX planes of 128 x 128 among them, and the log says so (tiny objects take long)."""
+    import logging
+
+    img, gt = spheres(shape=(48, 64, 64), z_step=2)
+    model = model_for(img)
+    yx_planes = []
+    forward = model.net.forward
+
+    def recording(x):
+        if x.shape[-2:] == (128, 128):
+            yx_planes.append(x.shape[0])
+        return forward(x)
+
+    model.net.forward = recording
+    with caplog.at_level(logging.INFO, logger="cp3d"):
+        segment(volume_from_array(img), model, diameter=15.0, anisotropy=2.0)
+    assert "rescale 2.00: the network runs on 96 x 128 x 128 voxels" in caplog.text
+    assert sum(yx_planes) == 96
+    assert "network" in caplog.text.splitlines()[-1] and "dynamics" in caplog.text
+
+
 def test_axis_orders_give_identical_masks():
     img, _ = spheres(shape=(28, 48, 48), radius=5.0, n=4)
     model = model_for(img)

@@ -10,7 +10,7 @@ Speed on CPU comes from three choices, each measured by ``bench/inference.py``:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -170,6 +170,15 @@ def resize_volume(vol: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
+def network_shape(shape_zyx: Sequence[int], rescale: float,
+                  anisotropy: float = 1.0) -> tuple[int, int, int]:
+    """(Z, Y, X) of the grid the network runs on in 3D: the volume resampled by ``rescale``,
+    and by ``anisotropy`` more in Z. Its size sets the cost of a 3D run."""
+    lz, ly, lx = shape_zyx
+    return (max(1, int(lz * anisotropy * rescale)), max(1, int(ly * rescale)),
+            max(1, int(lx * rescale)))
+
+
 def predict_3d(
     net: torch.nn.Module,
     vol: np.ndarray,
@@ -189,12 +198,7 @@ def predict_3d(
     all three. Results are resampled back to the input grid; dZ is divided by the anisotropy so
     that flows are in voxel units of that grid. Returns ``dP`` (3, Z, Y, X) and ``cellprob``.
     """
-    _, lz, ly, lx = vol.shape
-    target = (
-        max(1, int(lz * anisotropy * rescale)),
-        max(1, int(ly * rescale)),
-        max(1, int(lx * rescale)),
-    )
+    target = network_shape(vol.shape[1:], rescale, anisotropy)
     work = resize_volume(vol, target)
     yf = np.zeros((4, *target), np.float32)
 
@@ -221,7 +225,7 @@ def predict_3d(
         report(progress, stage, 1.0)
 
     del work
-    yf = resize_volume(yf, (lz, ly, lx))
+    yf = resize_volume(yf, vol.shape[1:])
     if anisotropy != 1.0:
         yf[0] /= anisotropy
     return yf[:3], yf[3]

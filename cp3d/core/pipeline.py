@@ -114,7 +114,7 @@ def segment(
     Raises :class:`InputError` for unusable input and :class:`Cancelled` when cancelled.
     """
     from . import dynamics
-    from .inference import predict_2d_stack, predict_3d
+    from .inference import network_shape, predict_2d_stack, predict_3d
     from .normalize import normalize_volume
 
     vol = _as_volume(volume)
@@ -146,6 +146,9 @@ def segment(
     rescale = float(model.diam_mean) / float(diameter)
     if niter is None or niter == 0:
         niter = int(round(200 * max(1.0, 1.0 / rescale)))
+    if do_3D:  # the cost grows with the cube of diam_mean / diameter: tiny objects take long
+        log.info("%s: diameter %.1f px, rescale %.2f: the network runs on %d x %d x %d voxels",
+                 vol.name, diameter, rescale, *network_shape(vol.shape_zyx, rescale, anisotropy))
 
     t_norm = time.perf_counter()
     report(progress, "normalize", 0.0)
@@ -189,7 +192,8 @@ def segment(
         chan2=chan2, all_channels=all_channels, invert=invert, sharpen_radius=sharpen_radius,
         tile_norm=tile_norm, augment=augment,
     )
-    log.info("%s: %d masks in %.1f s", vol.name, int(masks.max()), times["total"])
+    log.info("%s: %d masks in %.1f s (%s)", vol.name, int(masks.max()), times["total"],
+             ", ".join(f"{k} {v:.1f} s" for k, v in times.items() if k != "total"))
     return Result(masks=masks, dP=dP, cellprob=cellprob, diameter=float(diameter),
                   anisotropy=float(anisotropy), params=params, seconds=times)
 
