@@ -117,6 +117,19 @@ def test_log_names_the_grid_the_network_runs_on(caplog):
     assert "rescale 2.00: the network runs on 96 x 128 x 128 voxels" in caplog.text
     assert sum(yx_planes) == 96
     assert "network" in caplog.text.splitlines()[-1] and "dynamics" in caplog.text
+    assert "enlarged" not in caplog.text  # rescale 2: no warning
+
+
+def test_tiny_objects_are_warned_of_by_name(caplog):
+    """Objects of 6 px (rescale 5): slow and off the bundled models' range; the user is told."""
+    import logging
+
+    img, _ = spheres(shape=(12, 24, 24), radius=2.0, n=1)
+    with caplog.at_level(logging.WARNING, logger="cp3d"):
+        segment(volume_from_array(img, path="tiny.tif"), model_for(img), diameter=6.0)
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and "tiny.tif" in warning[0].getMessage()
+    assert "6.0 px are run 5.0x enlarged" in warning[0].getMessage()
 
 
 def test_axis_orders_give_identical_masks():

@@ -21,6 +21,10 @@ log = logging.getLogger("cp3d")
 
 Smooth = Union[float, Sequence[float]]
 
+# Above this rescale (objects under 7.5 px for diam_mean 30) a run is slow and off the bundled
+# models' training range: say so (measured on 3.5-8 px nuclei: see the model card).
+TINY_RESCALE = 4.0
+
 
 @dataclass
 class Result:
@@ -38,6 +42,7 @@ class Result:
     @property
     def n_masks(self) -> int:
         return int(self.masks.max()) if self.masks.size else 0
+
 
 
 def select_channels(data: np.ndarray, nchan: int, chan: int = 0, chan2: int = 0,
@@ -149,6 +154,12 @@ def segment(
     if do_3D:  # the cost grows with the cube of diam_mean / diameter: tiny objects take long
         log.info("%s: diameter %.1f px, rescale %.2f: the network runs on %d x %d x %d voxels",
                  vol.name, diameter, rescale, *network_shape(vol.shape_zyx, rescale, anisotropy))
+    if rescale > TINY_RESCALE:
+        log.warning(
+            "%s: objects of %.1f px are run %.1fx enlarged, which is slow, and models trained on "
+            "larger objects (the bundled ones: 8-40 px) tend to make their masks too large; "
+            "check the masks, and fine-tune on your own crops if they are off",
+            vol.name, diameter, rescale)
 
     t_norm = time.perf_counter()
     report(progress, "normalize", 0.0)
