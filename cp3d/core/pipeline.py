@@ -44,7 +44,6 @@ class Result:
         return int(self.masks.max()) if self.masks.size else 0
 
 
-
 def select_channels(data: np.ndarray, nchan: int, chan: int = 0, chan2: int = 0,
                     all_channels: bool = False, path=None) -> np.ndarray:
     """Pick the network's input channels from (Z, C, Y, X) data, Cellpose's way.
