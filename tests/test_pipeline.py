@@ -132,6 +132,22 @@ def test_tiny_objects_are_warned_of_by_name(caplog):
     assert "6.0 px are run 5.0x enlarged" in warning[0].getMessage()
 
 
+def test_memory_check_counts_the_grid_enlarged_for_small_objects(monkeypatch):
+    """12 x 24 x 24 voxels fit in 5 MB at their own size (diameter 30, about 0.6 MB) but not
+    enlarged 5x for 6 px objects (about 21 MB): refused with a message, before the network."""
+    import psutil
+
+    img, _ = spheres(shape=(12, 24, 24), radius=2.0, n=1)
+    free = SimpleNamespace(available=5_000_000)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    vol = volume_from_array(img, path="tiny.tif")
+    segment(vol, model_for(img), diameter=30.0)  # fits
+    model = model_for(img)
+    model.net.forward = lambda x: pytest.fail("the network ran on a volume that cannot fit")
+    with pytest.raises(InputError, match=r"tiny\.tif.*at 5\.0x for its objects' size"):
+        segment(vol, model, diameter=6.0)
+
+
 def test_axis_orders_give_identical_masks():
     img, _ = spheres(shape=(28, 48, 48), radius=5.0, n=4)
     model = model_for(img)

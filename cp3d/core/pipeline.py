@@ -150,6 +150,8 @@ def segment(
     rescale = float(model.diam_mean) / float(diameter)
     if niter is None or niter == 0:
         niter = int(round(200 * max(1.0, 1.0 / rescale)))
+    if do_3D and rescale > 1.0:  # the first check could not know the objects' size
+        _check_memory(vol, anisotropy, path, rescale)
     if do_3D:  # the cost grows with the cube of diam_mean / diameter: tiny objects take long
         log.info("%s: diameter %.1f px, rescale %.2f: the network runs on %d x %d x %d voxels",
                  vol.name, diameter, rescale, *network_shape(vol.shape_zyx, rescale, anisotropy))
@@ -229,8 +231,11 @@ def _masks_per_plane(dP2, cellprob, niter, cellprob_threshold, flow_threshold, m
     return np.stack(planes).astype(dtype)
 
 
-def _check_memory(vol: Volume, anisotropy: float, path) -> None:
-    """Refuse, before starting, a volume whose working arrays would not fit in memory."""
+def _check_memory(vol: Volume, anisotropy: float, path, rescale: float = 1.0) -> None:
+    """Refuse, before starting, a volume whose working arrays would not fit in memory.
+
+    ``rescale`` > 1 (objects smaller than ``diam_mean``) enlarges the 3D network grid in all
+    three axes: the check is run again once the diameter is known."""
     try:
         import psutil
 
@@ -239,13 +244,15 @@ def _check_memory(vol: Volume, anisotropy: float, path) -> None:
         return
     z, y, x = vol.shape_zyx
     voxels = z * y * x
-    # network grid (upsampled in Z): input channels + 4 outputs, float32
-    upsampled = voxels * max(1.0, anisotropy)
+    # network grid (upsampled in Z, and by the rescale): input channels + 4 outputs, float32
+    upsampled = voxels * max(1.0, anisotropy) * max(1.0, rescale) ** 3
     need = upsampled * (2 + 4) * 4 + voxels * (4 * 4 + 40)
     if need > available:
+        enlarged = f" at {rescale:.1f}x for its objects' size" if rescale > 1.0 else ""
         raise InputError(
             f"volume of {z}x{y}x{x} voxels needs about {need / 1e9:.1f} GB of memory to "
-            f"segment but {available / 1e9:.1f} GB are free; crop or downsample it", path)
+            f"segment{enlarged} but {available / 1e9:.1f} GB are free; crop or downsample it, "
+            "or segment it blockwise", path)
 
 
 def segment_file(path: Union[str, Path], model=None, z_axis=None, channel_axis=None,
