@@ -336,6 +336,38 @@ def test_cli_blockwise_with_the_bundled_model(tmp_path, caplog, monkeypatch):
     assert "blockwise" in caplog.text
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "b" / "nuclei_cp_masks.tif"), masks)
 
+    # one the in-memory pipeline refuses only once it knows the objects' size (an estimated
+    # diameter enlarges the grid) also goes blockwise, instead of failing
+    from cp3d.core import pipeline
+    from cp3d.core.errors import TooLargeError
+
+    monkeypatch.undo()
+
+    def refuse(vol, *a, **k):
+        raise TooLargeError("needs about 9.9 GB of memory", vol.path)
+
+    monkeypatch.setattr(pipeline, "segment", refuse)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cp3d"):
+        code = cli.main(["--image_path", str(tif), "--block_size", "40", "--diameter", "30",
+                         "--savedir", str(tmp_path / "c")])
+    assert code == 0
+    assert "nuclei.tif: its objects are small enough" in caplog.text
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "c" / "nuclei_cp_masks.tif"), masks)
+
+
+def test_memory_judgement_from_the_header_counts_a_given_diameter(tmp_path, monkeypatch):
+    """12 x 24 x 24 voxels fit in 5 MB at diameter 30 but not at 6 px (rescale 5: the network
+    grid is 125 times larger), as segment() itself judges."""
+    import psutil
+
+    tif = tmp_path / "small.tif"
+    tifffile.imwrite(tif, np.ones((12, 24, 24), np.uint16), imagej=True,
+                     metadata={"axes": "ZYX"})
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=5_000_000))
+    assert blockwise.would_fit_in_memory(tif)
+    assert not blockwise.would_fit_in_memory(tif, rescale=5.0)
+
 
 def test_help_lists_blockwise_flags(capsys):
     from cp3d.core import cli

@@ -1032,9 +1032,10 @@ def add_blockwise_args(parser: argparse.ArgumentParser) -> None:
 
 
 def would_fit_in_memory(path: Union[str, Path], anisotropy: Optional[float] = None,
-                        z_axis=None, channel_axis=None) -> bool:
+                        z_axis=None, channel_axis=None, rescale: float = 1.0) -> bool:
     """Whether the in-memory pipeline would accept this file (its memory check), judged from
-    the file's header alone."""
+    the file's header alone. ``rescale`` (diam_mean / diameter, when the diameter is known)
+    enlarges the network grid as in :func:`cp3d.core.pipeline.segment`."""
     from .io import Volume
     from .pipeline import _check_memory
 
@@ -1048,7 +1049,7 @@ def would_fit_in_memory(path: Union[str, Path], anisotropy: Optional[float] = No
     aniso = anisotropy or src.anisotropy or 1.0
     stored = int(np.prod(src.stored_shape)) * np.dtype(src.dtype).itemsize
     try:
-        _check_memory(stub, aniso, src.path)
+        _check_memory(stub, aniso, src.path, rescale)
         import psutil
 
         if stored > 0.5 * psutil.virtual_memory().available:

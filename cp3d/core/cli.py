@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import Cp3dError
+from .errors import Cp3dError, TooLargeError
 
 log = logging.getLogger("cp3d")
 
@@ -180,6 +180,9 @@ def _segment_main(args) -> int:
         sharpen_radius=args.sharpen_radius, tile_norm=args.tile_norm, augment=args.augment,
         batch_size=args.batch_size,
     )
+    # a given diameter enlarges the network grid by diam_mean / diameter (estimated: unknown
+    # until the image is read, and segment() refuses with TooLargeError if it does not fit)
+    rescale = float(model.diam_mean) / args.diameter if args.diameter else 1.0
     failures: list[tuple[Path, str]] = []
     done = 0
     t0 = time.perf_counter()
@@ -197,23 +200,34 @@ def _segment_main(args) -> int:
             bar.n = int(100 * (k + fraction) / len(stages))
             bar.refresh()
 
+        def run_blockwise(why: str = "", path=path, bar=bar) -> None:
+            if why:
+                log.warning("%s: %s: segmenting it blockwise", path.name, why)
+            written = blockwise.run_file_blockwise(path, args, model, params, bar=bar)
+            log.info("wrote %s", ", ".join(str(w) for w in written))
+            if bar.disable:
+                print(f"{path}: segmented blockwise: {written[0]}", file=sys.stderr)
+
         try:
             if args.blockwise or not blockwise.would_fit_in_memory(
-                    path, args.anisotropy, args.z_axis, args.channel_axis):
-                if not args.blockwise:
-                    log.warning("%s: too large to segment in memory: segmenting it blockwise",
-                                path.name)
-                written = blockwise.run_file_blockwise(path, args, model, params, bar=bar)
-                log.info("wrote %s", ", ".join(str(w) for w in written))
-                if bar.disable:
-                    print(f"{path}: segmented blockwise: {written[0]}", file=sys.stderr)
+                    path, args.anisotropy, args.z_axis, args.channel_axis, rescale):
+                run_blockwise("" if args.blockwise else "too large to segment in memory")
                 done += 1
                 continue
             vol = read_volume(path, z_axis=args.z_axis, channel_axis=args.channel_axis)
             run = dict(params)
             if vol.is_2d:
                 run["do_3D"] = False
-            result = segment(vol, model, progress=progress, **run)
+            try:
+                result = segment(vol, model, progress=progress, **run)
+            except TooLargeError:
+                if not run["do_3D"]:
+                    raise
+                # the estimated diameter made the network grid too large: blockwise fits
+                vol = None  # free the image before the blocks are read
+                run_blockwise("its objects are small enough that it does not fit in memory")
+                done += 1
+                continue
             written = save_results(vol, result, savedir=args.savedir,
                                    save_tif=not args.no_tif, save_npy=not args.no_npy)
             bar.n = 100

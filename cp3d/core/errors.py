@@ -18,6 +18,10 @@ class InputError(Cp3dError):
     """The image (or its axes, dtype, values) cannot be segmented as given."""
 
 
+class TooLargeError(InputError):
+    """The volume would not fit in memory in one piece; blockwise segmentation can take it."""
+
+
 class ModelError(Cp3dError):
     """A model file is missing, corrupt or does not match the network."""
 

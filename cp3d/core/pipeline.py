@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .cancel import CancelToken, ProgressFn, check_cancel, report
-from .errors import InputError
+from .errors import InputError, TooLargeError
 from .io import Volume, volume_from_array
 
 log = logging.getLogger("cp3d")
@@ -249,7 +249,7 @@ def _check_memory(vol: Volume, anisotropy: float, path, rescale: float = 1.0) ->
     need = upsampled * (2 + 4) * 4 + voxels * (4 * 4 + 40)
     if need > available:
         enlarged = f" at {rescale:.1f}x for its objects' size" if rescale > 1.0 else ""
-        raise InputError(
+        raise TooLargeError(
             f"volume of {z}x{y}x{x} voxels needs about {need / 1e9:.1f} GB of memory to "
             f"segment{enlarged} but {available / 1e9:.1f} GB are free; crop or downsample it, "
             "or segment it blockwise", path)
