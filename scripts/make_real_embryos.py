@@ -18,6 +18,8 @@ import numpy as np
 import tifffile
 from scipy import ndimage as ndi
 
+VOXEL_UM = (1.75, 0.8, 0.8)  # Z, Y, X
+
 
 def instance_labels(mask: np.ndarray, markers: np.ndarray) -> np.ndarray:
     """Label the components of ``mask`` that contain exactly one marker component, 1..n."""
@@ -40,9 +42,14 @@ def main() -> None:
         name = f"{stage}_cell_stage.tif"
         gt = instance_labels(tifffile.imread(root / "images_nsn" / name),
                              tifffile.imread(root / "images_ndn" / name))
-        tifffile.imwrite(out / f"mouse_embryo_{stage}cell_img.tif",
-                         tifffile.imread(root / "images_raw" / name))
-        tifffile.imwrite(out / f"mouse_embryo_{stage}cell_gt.tif", gt)
+        # ImageJ voxel size, so that cp3d (and Cellpose users' tools) read the anisotropy
+        # from the file as from a microscope's
+        voxel = dict(imagej=True, resolution=(1 / VOXEL_UM[2], 1 / VOXEL_UM[1]),
+                     metadata={"axes": "ZYX", "spacing": VOXEL_UM[0], "unit": "um"})
+        raw = tifffile.imread(root / "images_raw" / name)
+        tifffile.imwrite(out / f"mouse_embryo_{stage}cell_img.tif", raw.reshape(gt.shape),
+                         **voxel)
+        tifffile.imwrite(out / f"mouse_embryo_{stage}cell_gt.tif", gt, **voxel)
         print(f"{stage}-cell stage: {gt.max()} nuclei -> {out}")
 
 

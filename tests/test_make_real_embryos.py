@@ -1,7 +1,10 @@
 """scripts/make_real_embryos.py: the instance ground truth built from QCANet's mask and markers."""
 
 import numpy as np
+import pytest
 import tifffile
+
+from cp3d.core.io import read_volume
 
 
 def _mask_and_markers():
@@ -40,3 +43,6 @@ def test_script_writes_image_and_ground_truth_pairs(tmp_path, monkeypatch, load_
         gt = tifffile.imread(tmp_path / f"out/mouse_embryo_{stage}cell_gt.tif")
         np.testing.assert_array_equal(img.reshape(raw.shape), raw)
         assert gt.reshape(mask.shape).max() == 1
+        vol = read_volume(tmp_path / f"out/mouse_embryo_{stage}cell_img.tif")
+        assert vol.voxel_size == pytest.approx((1.75, 0.8, 0.8), rel=1e-3)
+        assert vol.anisotropy == pytest.approx(1.75 / 0.8, rel=1e-3)
