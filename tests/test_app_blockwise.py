@@ -128,6 +128,36 @@ def test_volume_too_large_for_memory_opens_lazily_and_runs_blockwise(qtbot, tmp_
     assert isinstance(w.state.masks, LazyArray3D)
 
 
+def test_a_run_refused_at_its_objects_size_goes_on_blockwise(qtbot, tmp_path, core,
+                                                            monkeypatch):
+    """The volume fits in memory at its own size, but the in-memory run refuses it once the
+    objects' size is known (small objects enlarge the network grid): the app segments it
+    blockwise by itself, as cp3d-cli does, instead of stopping with an error."""
+    from cp3d.core.errors import TooLargeError
+
+    backend, model = core
+
+    def refuse(volume, *a, **k):
+        raise TooLargeError("needs about 9.9 GB of memory at 5.0x for its objects' size",
+                            volume.path)
+
+    monkeypatch.setattr(backend, "segment", refuse)
+    path, img = big_blobs(tmp_path, "small_objects.tif")
+    w = make_window(qtbot, tmp_path, backend)
+    use_model(qtbot, w, model)
+    w.seg_panel.block_size.setValue(32)
+    w.seg_panel.diameter.setValue(12.0)
+    drop_files(w, [path])
+    qtbot.waitUntil(lambda: not w.is_busy and w.state.masks is not None, timeout=120_000)
+    assert w.errors == []
+    assert not isinstance(w.state.image, LazyImage)  # it was read whole: only the run refused
+    out = tmp_path / "small_objects_cp_masks.zarr"
+    assert out.exists()
+    on_disk = np.asarray(zarr.open_array(str(out), mode="r")[...])
+    assert on_disk.shape == SHAPE and on_disk.max() >= 1
+    assert "segmenting it blockwise" in w.log_panel.toPlainText()
+
+
 def test_planes_of_a_slow_disk_never_block_the_gui_thread(qtbot, tmp_path, core, monkeypatch):
     """Every read of the file takes 0.4 s: moving the cursor returns at once, the views keep
     their last picture meanwhile, and show the new planes when the reads land."""

@@ -126,3 +126,8 @@ class Backend:
         from cp3d.core.errors import Cp3dError
 
         return Cp3dError
+
+    def too_large_error(self) -> type[BaseException]:
+        from cp3d.core.errors import TooLargeError
+
+        return TooLargeError

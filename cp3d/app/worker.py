@@ -43,6 +43,7 @@ class CancellableWorker(QObject):
 
     progress = Signal(str, float)  # stage, stage fraction
     failed = Signal(str)
+    too_large = Signal(str)  # refused as too large for memory (blockwise can take it)
     cancelled = Signal()
     done = Signal()  # after success, failure or cancel
 
@@ -93,6 +94,7 @@ class CoreWorker(CancellableWorker):
         try:
             Cancelled = self.backend.cancelled_error()
             UserError = self.backend.user_error()
+            TooLarge = self.backend.too_large_error()
         except Exception as e:  # core missing entirely
             self.failed.emit(f"cp3d core is not available: {e}")
             self.done.emit()
@@ -103,6 +105,8 @@ class CoreWorker(CancellableWorker):
             self.succeeded.emit(result, paths, time.perf_counter() - t0)
         except Cancelled:
             self.cancelled.emit()
+        except TooLarge as e:
+            self.too_large.emit(str(e))
         except UserError as e:
             self.failed.emit(str(e))
         except MemoryError:
