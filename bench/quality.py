@@ -104,8 +104,9 @@ def main() -> None:
             vol = read_volume(img)
             gt = read_volume(args.real / f"mouse_embryo_{stage}_gt.tif").data[:, 0]
             name = f"real embryo {stage}"
-            rows.append(run(f"{name} given", vol, gt, model, diameter, EMBRYO_ANISOTROPY))
-            rows.append(run(f"{name} estimated", vol, gt, model, None, EMBRYO_ANISOTROPY))
+            aniso = vol.anisotropy or EMBRYO_ANISOTROPY  # files built before 197d1e4 lack it
+            rows.append(run(f"{name} given", vol, gt, model, diameter, aniso))
+            rows.append(run(f"{name} estimated", vol, gt, model, None, aniso))
     print(f"model: {model.path}")
     print(format_table(rows, THRESHOLDS, mean=False))
 

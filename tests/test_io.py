@@ -40,6 +40,15 @@ def test_reads_planes_channels_y_x_from_imagej_metadata(tmp_path):
     assert vol.anisotropy == pytest.approx(4.0)
 
 
+def test_imagej_voxel_size_in_nanometres_is_read_in_micrometres(tmp_path):
+    path = tmp_path / "nm.tif"
+    tifffile.imwrite(path, _zcyx()[:, 0], imagej=True, resolution=(1 / 200.0, 1 / 200.0),
+                     metadata={"axes": "ZYX", "spacing": 500.0, "unit": "nm"})
+    vol = read_volume(path)
+    assert vol.voxel_size == pytest.approx((0.5, 0.2, 0.2))
+    assert vol.anisotropy == pytest.approx(2.5)
+
+
 def test_voxel_size_from_ome_metadata(tmp_path):
     data = _zcyx()[:, 0]
     path = tmp_path / "a.ome.tif"

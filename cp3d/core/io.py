@@ -325,13 +325,16 @@ def _resolution(page, tag) -> Optional[float]:
     return size if size > 0 and size != 1.0 else None
 
 
+# metadata units other than micrometres (any spelling of which, or none, scales by 1)
+_UNIT_TO_UM = {"nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "m": 1e6}
+
+
 def _unit_scale(unit) -> float:
     """Factor from the metadata unit to micrometres."""
     if unit is None:
         return 1.0
     unit = str(unit).strip().lower().replace("\\u00b5", "µ")
-    scale = {"nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "m": 1e6}
-    return scale.get(unit, 1.0)
+    return _UNIT_TO_UM.get(unit, 1.0)
 
 
 def list_images(folder: str | Path, look_one_level_down: bool = False,
