@@ -327,14 +327,20 @@ def test_cli_blockwise_with_the_bundled_model(tmp_path, caplog, monkeypatch):
     # predictions (the stand-in network above) the blockwise masks are exact
     assert whole.max() >= 15 and ap[0] >= 0.85, ap
 
+    def run_without_the_flag(out: str) -> str:
+        """cp3d-cli with no --blockwise: the warnings it logged; its masks equal the above."""
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cp3d"):
+            code = cli.main(["--image_path", str(tif), "--block_size", "40", "--diameter",
+                             "30", "--savedir", str(tmp_path / out)])
+        assert code == 0
+        np.testing.assert_array_equal(
+            tifffile.imread(tmp_path / out / "nuclei_cp_masks.tif"), masks)
+        return caplog.text
+
     # a volume the in-memory pipeline would refuse goes blockwise by itself, with a message
     monkeypatch.setattr(blockwise, "would_fit_in_memory", lambda *a, **k: False)
-    with caplog.at_level(logging.WARNING, logger="cp3d"):
-        code = cli.main(["--image_path", str(tif), "--block_size", "40", "--diameter", "30",
-                         "--savedir", str(tmp_path / "b")])
-    assert code == 0
-    assert "blockwise" in caplog.text
-    np.testing.assert_array_equal(tifffile.imread(tmp_path / "b" / "nuclei_cp_masks.tif"), masks)
+    assert "blockwise" in run_without_the_flag("b")
 
     # one the in-memory pipeline refuses only once it knows the objects' size (an estimated
     # diameter enlarges the grid) also goes blockwise, instead of failing
@@ -347,13 +353,7 @@ def test_cli_blockwise_with_the_bundled_model(tmp_path, caplog, monkeypatch):
         raise TooLargeError("needs about 9.9 GB of memory", vol.path)
 
     monkeypatch.setattr(pipeline, "segment", refuse)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cp3d"):
-        code = cli.main(["--image_path", str(tif), "--block_size", "40", "--diameter", "30",
-                         "--savedir", str(tmp_path / "c")])
-    assert code == 0
-    assert "nuclei.tif: its objects are small enough" in caplog.text
-    np.testing.assert_array_equal(tifffile.imread(tmp_path / "c" / "nuclei_cp_masks.tif"), masks)
+    assert "nuclei.tif: its objects are small enough" in run_without_the_flag("c")
 
 
 def test_memory_judgement_from_the_header_counts_a_given_diameter(tmp_path, monkeypatch):

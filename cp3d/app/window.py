@@ -107,8 +107,7 @@ class MainWindow(QMainWindow):
         self._run_stage = ""
         self._run_weights = STAGES_3D
         self._run_what = "Segmentation"
-        self._run_request = None  # (model, params) of the segmentation running in memory
-        self._blockwise_next = None  # the same, to run blockwise when the worker is done
+        self._blockwise_next = None  # (model, params) to run blockwise when the worker is done
         self._closing = False
         self.layout_mode = "all"
         self.labeling = None  # labeling mode window, when open
@@ -658,7 +657,7 @@ class MainWindow(QMainWindow):
                  self.state.path.name if self.state.path else "image",
                  model or "default", ", ".join(f"{k}={v}" for k, v in shown.items()))
         worker = SegmentWorker(self.backend, self.state.volume, model, params, save=True)
-        self._start(worker, self._on_succeeded, "Segmentation", request=(model, params))
+        self._start(worker, self._on_succeeded, "Segmentation")
 
     def _use_blockwise(self) -> bool:
         st = self.state
@@ -695,9 +694,8 @@ class MainWindow(QMainWindow):
         log.info("%s: %s", self.state.path.name, msg)
         self.statusBar().showMessage(msg, 10000)
 
-    def _start(self, worker, on_succeeded, what: str, request=None) -> None:
-        """Run a CoreWorker in its thread with the status-bar progress, time left and Cancel.
-        ``request`` (model, params) of a segmentation lets a too-large refusal go blockwise."""
+    def _start(self, worker, on_succeeded, what: str) -> None:
+        """Run a CoreWorker in its thread with the status-bar progress, time left and Cancel."""
         q = Qt.QueuedConnection  # slots run in the GUI thread
         worker.progress.connect(self._on_progress, q)
         worker.succeeded.connect(on_succeeded, q)
@@ -705,7 +703,6 @@ class MainWindow(QMainWindow):
         worker.failed.connect(self._on_failed, q)
         worker.too_large.connect(self._on_too_large, q)
         worker.cancelled.connect(self._on_cancelled, q)
-        self._run_request = request
         self._blockwise_next = None
         self._run_what = what
         worker.done.connect(self._on_worker_done, q)
@@ -798,15 +795,14 @@ class MainWindow(QMainWindow):
         """The in-memory run was refused once the objects' size was known (small objects
         enlarge the network grid): a 3D run of an image on disk goes on blockwise, as
         cp3d-cli does; anything else is reported."""
-        request = self._run_request
-        st = self.state
-        if (request is None or st.path is None or st.is_2d or not request[1].get("do_3D", True)
-                or self._run_volume is not st.volume):
+        worker, st = self.worker, self.state  # the worker is cleared only when it is done
+        if (not isinstance(worker, SegmentWorker) or st.path is None or st.is_2d
+                or not worker.params.get("do_3D", True) or self._run_volume is not st.volume):
             self._on_failed(message)
             return
         log.warning("%s: too large to segment in memory at its objects' size: segmenting it "
                     "blockwise", st.path.name)
-        self._blockwise_next = request
+        self._blockwise_next = (worker.model_name, dict(worker.params))
 
     def _on_cancelled(self) -> None:
         what = self._run_what
