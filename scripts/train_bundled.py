@@ -7,7 +7,9 @@ diameter 8-40 px, anisotropy 1-4, SNR 1.5-60, blur, background, density drawn at
 into YX, ZY and ZX planes with Z resampled by the anisotropy; ``--n_small`` adds volumes of small
 objects (seeds 500..), ``--n_dim`` small ones with many dim objects (seeds 700..; only their
 rendering's dim fraction is changed), ``--n_sparse`` volumes of sparse nuclei (seeds 800..),
-``--n_uneven`` sparse, large, unevenly bright, grainy nuclei as in early embryos (seeds 600..).
+``--n_uneven`` sparse, large, unevenly bright, grainy nuclei as in early embryos (seeds 600..);
+``--real IMAGE MASKS`` adds every plane of a real annotated volume (anisotropy from the file's
+voxel size), ``--real_repeat`` times, so that a few real volumes weigh against many synthetic ones.
 Held-out loss: seeds 2000-2005;
 validation for scripts/calibrate_cellprob.py: seeds 900..
 Evaluation (bench/quality.py) uses seeds >= 1000, never trained on.
@@ -90,6 +92,22 @@ def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diamet
     return samples, meta
 
 
+def real_samples(pairs, nchan: int, repeat: int = 1) -> tuple[list, list[str]]:
+    """Every YX, ZY and ZX plane holding a nucleus of each real (image, masks) tiff pair, Z
+    resampled by the anisotropy read from the image's metadata, each plane ``repeat`` times."""
+    from cp3d.core.io import read_volume
+
+    samples, names = [], []
+    for image_path, masks_path in pairs:
+        vol = read_volume(image_path)
+        masks = read_volume(masks_path).data[:, 0]
+        got = volume_slices(vol.data, masks, vol.anisotropy or 1.0, n_per_axis=None,
+                            source=Path(image_path).name, min_objects=1, nchan=nchan)
+        samples += got * repeat
+        names.append(f"{Path(image_path).name} ({len(got)} planes x {repeat})")
+    return samples, names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("cp3d/resources/models/cp3d_nuclei.pth"))
@@ -116,6 +134,10 @@ def main() -> None:
     ap.add_argument("--n_tiny", type=int, default=0,
                     help="extra volumes (seeds 400..) of tiny (TINY_DIAMETERS), sparse nuclei, "
                          "as in cleared tissue")
+    ap.add_argument("--real", nargs=2, action="append", default=[], metavar=("IMAGE", "MASKS"),
+                    help="a real annotated volume (tiffs) to train on as well; repeatable")
+    ap.add_argument("--real_repeat", type=int, default=1,
+                    help="how many times each real plane is in the training set")
     ap.add_argument("--fill_range", type=float, nargs=2, default=[0.01, 0.15])
     ap.add_argument("--nbase", type=int, nargs="+", default=[2, 16, 32, 64, 128])
     ap.add_argument("--bsize", type=int, default=160)
@@ -180,6 +202,10 @@ def main() -> None:
         lo, hi = TINY_DIAMETERS
         data += f" + {args.n_tiny} tiny sparse ({lo:g}-{hi:g} px, seeds {TINY_SEEDS_FROM}-" \
                 f"{TINY_SEEDS_FROM + args.n_tiny - 1})"
+    if args.real:
+        real, names = real_samples(args.real, nchan, args.real_repeat)
+        samples += real
+        data += " + real: " + ", ".join(names)
     data += f", {len(samples)} planes in YX/ZY/ZX"
     test, _ = build_samples(TEST_SEEDS, 2, nchan, args.kind)
     print(f"{len(samples)} training planes from {len(vols)} volumes, {len(test)} held-out, "

@@ -49,3 +49,27 @@ def test_extra_sets_use_seeds_apart_from_each_other_and_from_evaluation(load_scr
     assert starts[0] >= 100  # the main volumes: seeds 0..
     assert all(b - a >= 100 for a, b in zip(starts, starts[1:]))
     assert starts[-1] + 100 <= 900 and min(tb.TEST_SEEDS) >= 1000
+
+
+def test_real_volume_gives_every_plane_with_z_resampled_from_its_voxel_size(load_script, tmp_path):
+    """--real: each YX, ZY and ZX plane holding a nucleus, Z stretched by the file's anisotropy
+    (ImageJ spacing 2 um over 1 um pixels: 6 planes -> 12), each plane --real_repeat times."""
+    tb = load_script("train_bundled")
+    from cp3d.core.io import imwrite
+
+    masks = np.zeros((6, 20, 24), np.uint16)
+    masks[1:5, 4:12, 4:12] = 1
+    masks[2:4, 12:18, 14:22] = 2
+    image = (masks > 0) * 1000 + 100 + np.arange(24, dtype=np.uint16)  # a gradient: not constant
+    imwrite(tmp_path / "vol.tif", image.astype(np.uint16), voxel_size=(2.0, 1.0, 1.0))
+    imwrite(tmp_path / "vol_masks.tif", masks, voxel_size=(2.0, 1.0, 1.0))
+    pair = (tmp_path / "vol.tif", tmp_path / "vol_masks.tif")
+
+    once, names = tb.real_samples([pair], 2, repeat=1)
+    axes = [s.source.split(":")[1][0] for s in once]
+    assert axes.count("Z") == 8  # YX planes 1-4 of 6 hold a nucleus: 2-9 of 12
+    assert axes.count("Y") == 14 and axes.count("X") == 16  # rows 4-17; columns 4-11, 14-21
+    zy = next(s for s in once if s.source.endswith(":Y=8"))
+    assert zy.masks.shape == (12, 24)  # Z resampled from 6 to 12 planes
+    twice, _ = tb.real_samples([pair], 2, repeat=2)
+    assert len(twice) == 2 * len(once) and "38 planes x 1" in names[0]
