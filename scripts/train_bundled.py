@@ -93,7 +93,7 @@ def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diamet
 
 
 def real_samples(pairs, nchan: int, repeat: int = 1) -> tuple[list, list[str]]:
-    """Every YX, ZY and ZX plane holding a nucleus of each real (image, masks) tiff pair, Z
+    """Every YX, ZY and ZX plane holding an object of each real (image, masks) tiff pair, Z
     resampled by the anisotropy read from the image's metadata, each plane ``repeat`` times."""
     from cp3d.core.io import read_volume
 
