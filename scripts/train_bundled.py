@@ -94,17 +94,16 @@ def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diamet
 
 def real_samples(pairs, nchan: int, repeat: int = 1) -> tuple[list, list[str]]:
     """Every YX, ZY and ZX plane holding an object of each real (image, masks) tiff pair, Z
-    resampled by the anisotropy read from the image's metadata, each plane ``repeat`` times."""
-    from cp3d.core.io import read_volume
+    resampled by the anisotropy read from the image's metadata, each plane ``repeat`` times.
+    Read and cut as ``cp3d-cli train`` does (its checks on the masks included)."""
+    from cp3d.core.train import pair_samples
+    from cp3d.core.train_cli import read_pairs
 
     samples, names = [], []
-    for image_path, masks_path in pairs:
-        vol = read_volume(image_path)
-        masks = read_volume(masks_path).data[:, 0]
-        got = volume_slices(vol.data, masks, vol.anisotropy or 1.0, n_per_axis=None,
-                            source=Path(image_path).name, min_objects=1, nchan=nchan)
+    for pair in read_pairs([(Path(image), Path(masks)) for image, masks in pairs]):
+        got = pair_samples([pair], nchan, n_per_axis=None, min_train_masks=1)
         samples += got * repeat
-        names.append(f"{Path(image_path).name} ({len(got)} planes x {repeat})")
+        names.append(f"{Path(pair.source).name} ({len(got)} planes x {repeat})")
     return samples, names
 
 
