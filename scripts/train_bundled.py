@@ -35,7 +35,7 @@ import torch
 from cp3d.core.cancel import CancelToken
 from cp3d.core.errors import Cancelled
 from cp3d.core.models import load_model, save_model
-from cp3d.core.net import CPnet
+from cp3d.core.net import CPnet, widen
 from cp3d.core.synth import _loguniform, random_volume
 from cp3d.core.train import train, volume_slices
 
@@ -138,7 +138,12 @@ def main() -> None:
     ap.add_argument("--real_repeat", type=int, default=1,
                     help="how many times each real plane is in the training set")
     ap.add_argument("--fill_range", type=float, nargs=2, default=[0.01, 0.15])
-    ap.add_argument("--nbase", type=int, nargs="+", default=[2, 16, 32, 64, 128])
+    ap.add_argument("--nbase", type=int, nargs="+", default=[2, 16, 32, 64, 128],
+                    help="network widths; with --init of a narrower network, that network is "
+                         "widened to these (cp3d.core.net.widen), keeping what it computes")
+    ap.add_argument("--widen_noise", type=float, default=0.01,
+                    help="noise added when widening (relative to each weight's std), so that "
+                         "the copied channels can learn different things")
     ap.add_argument("--bsize", type=int, default=160)
     ap.add_argument("--lr", type=float, default=0.002)
     ap.add_argument("--nimg_per_epoch", type=int, default=64)
@@ -213,6 +218,9 @@ def main() -> None:
     if args.init:
         net = load_model(args.init).net
         print(f"initialised from {args.init} (nbase {net.nbase})", flush=True)
+        if net.nbase != args.nbase:
+            net = widen(net, args.nbase, noise=args.widen_noise)
+            print(f"widened to nbase {net.nbase} (noise {args.widen_noise:g})", flush=True)
     else:
         net = CPnet(args.nbase, 3, 3, diam_mean=30.0)
     budget = 60 * args.minutes - (time.time() - t0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cp3d.core.net import CPnet, architecture_from_state_dict
+from cp3d.core.net import CPnet, architecture_from_state_dict, widen
 
 FIXTURES = Path(__file__).parent / "fixtures"
 META = json.loads((FIXTURES / "cpnet_fixture.json").read_text())
@@ -148,3 +148,40 @@ def test_folded_copy_built_in_inference_mode_serves_no_grad_calls():
     with torch.no_grad():
         b = net(x)[0]
     assert torch.equal(a, b)
+
+
+def test_widen_keeps_the_function_and_gives_cellpose_widths():
+    """A narrow net widened to Cellpose's widths computes the same flows and probability."""
+    torch.manual_seed(2)
+    narrow = randomise_bn(CPnet([2, 16, 32, 64, 128], 3, 3, diam_mean=17.0), seed=3).eval()
+    with torch.no_grad():
+        narrow.diam_labels.fill_(21.5)
+    wide = widen(narrow, [2, 32, 64, 128, 256]).eval()
+    assert architecture_from_state_dict(wide.state_dict())["nbase"] == [2, 32, 64, 128, 256]
+    assert float(wide.diam_mean) == 17.0 and float(wide.diam_labels) == 21.5
+    x = torch.randn(2, 2, 48, 40)
+    with torch.no_grad():
+        ref, ref_style = narrow(x)
+        y, style = wide(x)
+        wide.fold_bn = False
+        y_modules, _ = wide(x)
+    scale = float(ref.abs().max())
+    assert float((y - ref).abs().max()) < 1e-4 * scale
+    assert float((y_modules - ref).abs().max()) < 1e-4 * scale
+    # the style vector is the narrow one copied twice, each copy scaled by 1/sqrt(2)
+    assert torch.allclose(style, torch.cat([ref_style] * 2, dim=1) / 2 ** 0.5, atol=1e-5)
+    # noise makes the copies differ, and moves the outputs only a little
+    noisy = widen(narrow, [2, 32, 64, 128, 256], noise=0.01).eval()
+    w = noisy.downsample.down.res_down_0.conv.conv_0[2].weight
+    assert not torch.equal(w[:16], w[16:])
+    with torch.no_grad():
+        y_noisy, _ = noisy(x)
+    change = float((y_noisy - ref).abs().max())
+    assert 0 < change < 0.1 * scale
+
+
+def test_widen_refuses_widths_that_are_not_multiples():
+    with pytest.raises(ValueError, match="multiple"):
+        widen(CPnet([2, 16, 32, 64, 128], 3, 3), [2, 24, 48, 96, 192])
+    with pytest.raises(ValueError, match="input channels"):
+        widen(CPnet([2, 16, 32, 64, 128], 3, 3), [1, 32, 64, 128, 256])

@@ -1,9 +1,10 @@
 """Finding, loading and saving networks: bundled models, user models, Cellpose ``.pth`` files.
 
-A model file is a plain state dict with Cellpose's keys (so Cellpose can load ours and we can
-load Cellpose 2/3 models); the architecture is read back from the tensor shapes, the diameters
-from the ``diam_mean`` / ``diam_labels`` entries. Bundled weights may be stored in float16 to
-keep the download small; they always run in float32. A training checkpoint
+A model file is a plain state dict with Cellpose's keys (so we can load Cellpose 2/3 models,
+and Cellpose loads ours where they have its widths, nbase 2-32-64-128-256); the architecture is
+read back from the tensor shapes, the diameters from the ``diam_mean`` / ``diam_labels``
+entries. Bundled weights may be stored in float16 to keep the download small; they always run
+in float32. A training checkpoint
 ``{"state_dict": ..., "optimizer": ..., ...}`` loads too.
 """
 
@@ -255,7 +256,7 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
 
 def save_model(net: CPnet, path: Union[str, Path], metadata: Optional[dict] = None,
                half: bool = False) -> Path:
-    """Write ``net``'s state dict (Cellpose's keys, so Cellpose loads it) atomically.
+    """Write ``net``'s state dict (Cellpose's keys) atomically.
 
     ``half`` stores float16 weights (half the size; diameters stay float32). ``metadata``
     goes to a JSON sidecar ``PATH.json`` (an older sidecar is removed when there is none).

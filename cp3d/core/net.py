@@ -2,8 +2,9 @@
 
 Module names, and so state-dict keys, follow Cellpose's exactly (``downsample.down.res_down_0
 .conv.conv_0.0.weight``, ``upsample.up.res_up_0.conv.conv_1.full.weight``, ``output.2.weight``,
-``diam_mean``, ``diam_labels``...), so a ``.pth`` saved by Cellpose loads here and ours loads in
-Cellpose.
+``diam_mean``, ``diam_labels``...), so a ``.pth`` saved by Cellpose loads here, and ours loads in
+Cellpose when its widths are Cellpose's (``nbase`` 2-32-64-128-256, the only ones Cellpose's
+``CellposeModel`` builds; :func:`widen` turns a narrower network into one of those).
 
 Structure: residual down blocks (two pairs of BN-ReLU-conv, with a BN + 1x1 conv projection on
 the skip), max-pooling between levels; a "style" vector, the L2-normalised global average of
@@ -345,3 +346,39 @@ def architecture_from_state_dict(state: dict) -> dict:
 def nbase_from_state_dict(state: dict) -> list[int]:
     """Recover ``nbase`` from a state dict's conv shapes."""
     return architecture_from_state_dict(state)["nbase"]
+
+
+def widen(net: CPnet, nbase: Sequence[int], noise: float = 0.0, seed: int = 0) -> CPnet:
+    """A wider CPnet computing the same function as ``net`` (Net2WiderNet, Chen et al. 2016).
+
+    Each level's width must be a whole multiple ``k`` of the old one. Every channel is copied
+    ``k`` times (batch-norm statistics with it), and the weights reading a copied channel are
+    divided by ``k`` so that the sum over the copies is unchanged; the style Linear layers are
+    divided by ``sqrt(k)`` instead, because the style vector is L2-normalised and its copies
+    are each ``1/sqrt(k)`` of the original. So narrow weights trained on a CPU can seed a
+    Cellpose-sized network (``nbase`` 2-32-64-128-256). ``noise`` (relative to each weight
+    tensor's std) breaks the symmetry between the copies, which Adam would otherwise keep.
+    """
+    nbase = [int(n) for n in nbase]
+    if len(nbase) != len(net.nbase) or nbase[0] != net.nbase[0] or any(
+            n % o for n, o in zip(nbase, net.nbase)):
+        raise ValueError(f"cannot widen nbase {net.nbase} to {nbase}: same input channels and "
+                         "depth, each width a multiple of the old one")
+    wide = CPnet(nbase, net.nout, net.sz, net.max_pool, float(net.diam_mean.item()))
+    old = net.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    new_state = {}
+    for key, target in wide.state_dict().items():
+        t = old[key].detach().float().clone()
+        for dim in range(min(t.dim(), 2)):
+            k = target.shape[dim] // t.shape[dim]
+            if k == 1:
+                continue
+            t = torch.cat([t] * k, dim=dim)
+            if dim == 1:  # inputs: the copies' contributions must add up to the original
+                t = t / (k ** 0.5 if key.endswith(".full.weight") else k)
+        if noise and t.dim() >= 2 and t.dtype.is_floating_point:
+            t = t + noise * t.std() * torch.randn(t.shape, generator=gen)
+        new_state[key] = t.to(target.dtype)
+    wide.load_state_dict(new_state)
+    return wide
