@@ -242,3 +242,21 @@ def test_cli_reads_seg_npy_annotations(volume, tmp_path):
     (pair,) = read_pairs(pairs, anisotropy=2.0)
     assert pair.image.shape == (6, 1, 64, 64) and pair.anisotropy == 2.0
     np.testing.assert_array_equal(pair.masks, labels[:6])
+
+
+def test_read_pairs_says_when_it_assumes_the_z_step(volume, tmp_path, capsys):
+    """A volume without a voxel size is read at anisotropy 1, and the user is told so."""
+    from cp3d.core.train_cli import read_pairs
+
+    image, labels = volume
+    tifffile.imwrite(tmp_path / "a.tif", image[:6])
+    tifffile.imwrite(tmp_path / "a_masks.tif", labels[:6].astype(np.uint16))
+    (pair,) = read_pairs([(tmp_path / "a.tif", tmp_path / "a_masks.tif")])
+    assert pair.anisotropy == 1.0
+    assert "a.tif: no voxel size" in capsys.readouterr().err
+    (pair,) = read_pairs([(tmp_path / "a.tif", tmp_path / "a_masks.tif")], anisotropy=2.5)
+    assert pair.anisotropy == 2.5 and capsys.readouterr().err == ""
+    tifffile.imwrite(tmp_path / "b.tif", image[:6], imagej=True, resolution=(1 / 0.5, 1 / 0.5),
+                     metadata={"spacing": 1.5, "unit": "um", "axes": "ZYX"})
+    (pair,) = read_pairs([(tmp_path / "b.tif", tmp_path / "a_masks.tif")])
+    assert pair.anisotropy == pytest.approx(3.0) and capsys.readouterr().err == ""

@@ -149,7 +149,12 @@ def read_pairs(pairs, z_axis=None, channel_axis=None, anisotropy=None):
             log.warning("%s: no masks, not used", mask_path)
             print(f"skipped {mask_path}: no masks", file=sys.stderr)
             continue
-        a = anisotropy if anisotropy else (vol.anisotropy or 1.0)
+        a = anisotropy if anisotropy else vol.anisotropy
+        if not a:
+            a = 1.0
+            if masks.shape[0] > 1:  # a volume: the ZY / ZX planes depend on the Z step
+                print(f"note: {img_path}: no voxel size in the file; Z steps taken as equal to "
+                      "the pixel size (give --anisotropy if they are not)", file=sys.stderr)
         out.append(TrainingPair(vol.data, masks.astype(np.int32), float(a), str(img_path)))
     return out
 
