@@ -40,6 +40,7 @@ from cp3d.core.synth import _loguniform, random_volume
 from cp3d.core.train import train, volume_slices
 
 TEST_SEEDS = range(2000, 2006)
+CPU_NBASE = [2, 16, 32, 64, 128]  # a quarter of Cellpose's work per pixel
 
 
 SMALL_SEEDS_FROM = 500  # extra small-object volumes: seeds 500.., never used for evaluation
@@ -138,9 +139,10 @@ def main() -> None:
     ap.add_argument("--real_repeat", type=int, default=1,
                     help="how many times each real plane is in the training set")
     ap.add_argument("--fill_range", type=float, nargs=2, default=[0.01, 0.15])
-    ap.add_argument("--nbase", type=int, nargs="+", default=[2, 16, 32, 64, 128],
-                    help="network widths; with --init of a narrower network, that network is "
-                         "widened to these (cp3d.core.net.widen), keeping what it computes")
+    ap.add_argument("--nbase", type=int, nargs="+", default=None,
+                    help="network widths (default 2 16 32 64 128); with --init of a narrower "
+                         "network, that network is widened to these (cp3d.core.net.widen), "
+                         "keeping what it computes")
     ap.add_argument("--widen_noise", type=float, default=0.01,
                     help="noise added when widening (relative to each weight's std), so that "
                          "the copied channels can learn different things")
@@ -157,7 +159,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
-    nchan = args.nbase[0]
+    nchan = (args.nbase or CPU_NBASE)[0]
     samples, vols = build_samples(range(args.n_volumes), args.n_per_axis, nchan, args.kind)
     if args.n_small:
         small, small_vols = build_samples(
@@ -218,11 +220,11 @@ def main() -> None:
     if args.init:
         net = load_model(args.init).net
         print(f"initialised from {args.init} (nbase {net.nbase})", flush=True)
-        if net.nbase != args.nbase:
+        if args.nbase and net.nbase != args.nbase:
             net = widen(net, args.nbase, noise=args.widen_noise)
             print(f"widened to nbase {net.nbase} (noise {args.widen_noise:g})", flush=True)
     else:
-        net = CPnet(args.nbase, 3, 3, diam_mean=30.0)
+        net = CPnet(args.nbase or CPU_NBASE, 3, 3, diam_mean=30.0)
     budget = 60 * args.minutes - (time.time() - t0)
     t_train = time.time()
     state_file = args.work / "clock.json"
@@ -244,7 +246,7 @@ def main() -> None:
         save_model(net, args.out, half=True, metadata=dict(
             recipe="scripts/train_bundled.py", final=final, epochs=epoch + 1,
             iterations=(epoch + 1) * math.ceil(args.nimg_per_epoch / 8),
-            train_loss=train_loss, test_loss=test_loss, nbase=args.nbase, bsize=args.bsize,
+            train_loss=train_loss, test_loss=test_loss, nbase=net.nbase, bsize=args.bsize,
             lr=args.lr, init=args.init, minutes=round((time.time() - t0) / 60, 1),
             data=data,
             diam_mean=float(net.diam_mean.item()), diam_labels=float(net.diam_labels.item())))
