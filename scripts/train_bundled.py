@@ -19,19 +19,25 @@ Cellpose's is 2-32-64-128-256, about 4x the work per pixel) on 160-px crops, bfl
 where the CPU has it. The learning rate follows the clock: flat, then halved ten times over the
 last 30% of ``--minutes``. Weights go to ``--out`` as float16 (with a JSON sidecar) every few
 epochs, so a stopped run still leaves a usable model; ``--resume`` continues from the checkpoint.
+Each synthetic volume's planes are kept in ``--cache``: building a stage's 400 volumes takes
+4-14 min of a CPU, so a later run on the same sets starts in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
+import pickle
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import cp3d.core
 from cp3d.core.cancel import CancelToken
 from cp3d.core.errors import Cancelled
 from cp3d.core.models import load_model, save_model
@@ -62,35 +68,68 @@ UNEVEN_ANISOTROPIES = (1.5, 3.0)
 
 
 def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diameters=None,
-                  dim_fractions=None, fills=None, anisotropies=None, ranges=None):
+                  dim_fractions=None, fills=None, anisotropies=None, ranges=None, cache=None):
     """Training planes of the random volumes of ``seeds``. Cells: every other volume has a
     nuclear channel, given as the second input (chan=1, chan2=2); the others are grayscale.
     ``diameters`` (lo, hi): draw each volume's diameter log-uniformly there instead;
     ``dim_fractions`` (lo, hi): draw its fraction of dim objects uniformly there;
     ``fills`` (lo, hi): draw the fraction of the volume filled by nuclei log-uniformly there;
     ``anisotropies`` (lo, hi): draw the Z anisotropy uniformly there;
-    ``ranges`` {name: (lo, hi)}: draw each named generator parameter log-uniformly there."""
+    ``ranges`` {name: (lo, hi)}: draw each named generator parameter log-uniformly there.
+    ``cache``: a folder keeping each volume's planes (see :func:`_cached`)."""
     samples, meta = [], []
+    options = (n_per_axis, nchan, kind, min_objects, diameters, dim_fractions, fills,
+               anisotropies, sorted((ranges or {}).items()))
     for seed in seeds:
-        two = kind == "cells" and seed % 2 == 0
-        d = _loguniform(np.random.default_rng([seed, 7]), *diameters) if diameters else None
-        overrides = {}
-        if dim_fractions:
-            overrides["dim_fraction"] = float(
-                np.random.default_rng([seed, 8]).uniform(*dim_fractions))
-        if fills:
-            overrides["fill"] = _loguniform(np.random.default_rng([seed, 9]), *fills)
-        a = (float(np.random.default_rng([seed, 10]).uniform(*anisotropies)) if anisotropies
-             else None)
-        for i, (name, (lo, hi)) in enumerate(sorted((ranges or {}).items())):
-            overrides[name] = _loguniform(np.random.default_rng([seed, 11 + i]), lo, hi)
-        img, lab, m = random_volume(seed, kind, diameter=d, anisotropy=a, nuclear_channel=two,
-                                    dtype=np.uint16, overrides=overrides)
-        samples += volume_slices(img, lab, m["anisotropy"], n_per_axis=n_per_axis, seed=seed,
-                                 source=f"synth-{kind}{seed}", min_objects=min_objects,
-                                 nchan=nchan, chan=1 if two else 0, chan2=2 if two else 0)
-        meta.append((seed, round(m["diameter"], 1), round(m["anisotropy"], 2), round(m["snr"], 1)))
+        got, m = _cached(cache, (seed, *options), lambda: _volume_samples(seed, *options))
+        samples += got
+        meta.append(m)
     return samples, meta
+
+
+def _volume_samples(seed, n_per_axis, nchan, kind, min_objects, diameters, dim_fractions, fills,
+                    anisotropies, ranges):
+    """One volume's training planes and its (seed, diameter, anisotropy, snr)."""
+    two = kind == "cells" and seed % 2 == 0
+    d = _loguniform(np.random.default_rng([seed, 7]), *diameters) if diameters else None
+    overrides = {}
+    if dim_fractions:
+        overrides["dim_fraction"] = float(np.random.default_rng([seed, 8]).uniform(*dim_fractions))
+    if fills:
+        overrides["fill"] = _loguniform(np.random.default_rng([seed, 9]), *fills)
+    a = float(np.random.default_rng([seed, 10]).uniform(*anisotropies)) if anisotropies else None
+    for i, (name, (lo, hi)) in enumerate(ranges):
+        overrides[name] = _loguniform(np.random.default_rng([seed, 11 + i]), lo, hi)
+    img, lab, m = random_volume(seed, kind, diameter=d, anisotropy=a, nuclear_channel=two,
+                                dtype=np.uint16, overrides=overrides)
+    samples = volume_slices(img, lab, m["anisotropy"], n_per_axis=n_per_axis, seed=seed,
+                            source=f"synth-{kind}{seed}", min_objects=min_objects, nchan=nchan,
+                            chan=1 if two else 0, chan2=2 if two else 0)
+    return samples, (seed, round(m["diameter"], 1), round(m["anisotropy"], 2), round(m["snr"], 1))
+
+
+# A cached volume is valid while the code that draws and cuts it is unchanged.
+SAMPLE_CODE = ("synth.py", "train.py", "normalize.py", "flows.py")
+
+
+def _cached(cache, key: tuple, build):
+    """``build()``, kept in ``cache`` under ``key`` and the source of ``SAMPLE_CODE``: building
+    the 400 volumes of a stage takes 4-14 min of a CPU, loading them seconds. Written through a
+    temporary file, so that runs side by side never read half a file."""
+    if cache is None:
+        return build()
+    digest = hashlib.sha1(repr(key).encode())
+    for name in SAMPLE_CODE:
+        digest.update((Path(cp3d.core.__file__).parent / name).read_bytes())
+    path = Path(cache) / f"{digest.hexdigest()}.pkl"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    os.replace(tmp, path)
+    return value
 
 
 def real_samples(pairs, nchan: int, repeat: int = 1) -> tuple[list, list[str]]:
@@ -113,6 +152,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("cp3d/resources/models/cp3d_nuclei.pth"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/cp3d_bundled"),
                     help="folder for the training checkpoint")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/cp3d_samples"),
+                    help="folder keeping each synthetic volume's training planes for later runs "
+                         "(about 2 MB a volume)")
     ap.add_argument("--minutes", type=float, default=60)
     ap.add_argument("--kind", choices=["nuclei", "cells"], default="nuclei",
                     help="synthetic data: touching nuclei, or membrane/cyto-stained cells")
@@ -160,33 +202,24 @@ def main() -> None:
 
     t0 = time.time()
     nchan = (args.nbase or CPU_NBASE)[0]
-    samples, vols = build_samples(range(args.n_volumes), args.n_per_axis, nchan, args.kind)
-    if args.n_small:
-        small, small_vols = build_samples(
-            range(SMALL_SEEDS_FROM, SMALL_SEEDS_FROM + args.n_small), args.n_per_axis, nchan,
-            args.kind, diameters=args.small_range)
-        samples, vols = samples + small, vols + small_vols
-    if args.n_dim:
-        dim, dim_vols = build_samples(
-            range(DIM_SEEDS_FROM, DIM_SEEDS_FROM + args.n_dim), args.n_per_axis, nchan,
-            args.kind, diameters=args.small_range, dim_fractions=args.dim_range)
-        samples, vols = samples + dim, vols + dim_vols
-    if args.n_sparse:
-        sparse, sparse_vols = build_samples(
-            range(SPARSE_SEEDS_FROM, SPARSE_SEEDS_FROM + args.n_sparse), args.n_per_axis, nchan,
-            args.kind, min_objects=1, fills=args.fill_range)
-        samples, vols = samples + sparse, vols + sparse_vols
-    if args.n_uneven:
-        uneven, uneven_vols = build_samples(
-            range(UNEVEN_SEEDS_FROM, UNEVEN_SEEDS_FROM + args.n_uneven), args.n_per_axis, nchan,
-            args.kind, min_objects=1, diameters=UNEVEN_DIAMETERS,
+
+    def add_set(n: int, first_seed: int, **options) -> None:
+        """Append the planes of ``n`` volumes from ``first_seed`` drawn with ``options``."""
+        got, got_vols = build_samples(range(first_seed, first_seed + n), args.n_per_axis, nchan,
+                                      args.kind, cache=args.cache, **options)
+        samples.extend(got)
+        vols.extend(got_vols)
+
+    samples, vols = [], []
+    add_set(args.n_volumes, 0)
+    add_set(args.n_small, SMALL_SEEDS_FROM, diameters=args.small_range)
+    add_set(args.n_dim, DIM_SEEDS_FROM, diameters=args.small_range,
+            dim_fractions=args.dim_range)
+    add_set(args.n_sparse, SPARSE_SEEDS_FROM, min_objects=1, fills=args.fill_range)
+    add_set(args.n_uneven, UNEVEN_SEEDS_FROM, min_objects=1, diameters=UNEVEN_DIAMETERS,
             anisotropies=UNEVEN_ANISOTROPIES, ranges=UNEVEN_RANGES)
-        samples, vols = samples + uneven, vols + uneven_vols
-    if args.n_tiny:
-        tiny, tiny_vols = build_samples(
-            range(TINY_SEEDS_FROM, TINY_SEEDS_FROM + args.n_tiny), args.n_per_axis, nchan,
-            args.kind, min_objects=1, diameters=TINY_DIAMETERS, ranges=TINY_RANGES)
-        samples, vols = samples + tiny, vols + tiny_vols
+    add_set(args.n_tiny, TINY_SEEDS_FROM, min_objects=1, diameters=TINY_DIAMETERS,
+            ranges=TINY_RANGES)
     data = f"synthetic {args.kind} volumes (cp3d.core.synth.random_volume), seeds " \
            f"0-{args.n_volumes - 1}"
     if args.n_small:
@@ -213,7 +246,7 @@ def main() -> None:
         samples += real
         data += " + real: " + ", ".join(names)
     data += f", {len(samples)} planes in YX/ZY/ZX"
-    test, _ = build_samples(TEST_SEEDS, 2, nchan, args.kind)
+    test, _ = build_samples(TEST_SEEDS, 2, nchan, args.kind, cache=args.cache)
     print(f"{len(samples)} training planes from {len(vols)} volumes, {len(test)} held-out, "
           f"{time.time() - t0:.0f} s", flush=True)
 
@@ -225,7 +258,9 @@ def main() -> None:
             print(f"widened to nbase {net.nbase} (noise {args.widen_noise:g})", flush=True)
     else:
         net = CPnet(args.nbase or CPU_NBASE, 3, 3, diam_mean=30.0)
-    budget = 60 * args.minutes - (time.time() - t0)
+    # what is left of --minutes for training; at least a second, so that a run whose data took
+    # all its time still ends after one epoch instead of never (a negative budget)
+    budget = max(1.0, 60 * args.minutes - (time.time() - t0))
     t_train = time.time()
     state_file = args.work / "clock.json"
     if args.resume and state_file.exists():  # keep the clock of the interrupted run

@@ -73,3 +73,25 @@ def test_real_volume_gives_every_plane_with_z_resampled_from_its_voxel_size(load
     assert zy.masks.shape == (12, 24)  # Z resampled from 6 to 12 planes
     twice, _ = tb.real_samples([pair], 2, repeat=2)
     assert len(twice) == 2 * len(once) and "38 planes x 1" in names[0]
+
+
+def test_cached_volume_loads_the_same_planes_without_building_them_again(load_script, tmp_path,
+                                                                         monkeypatch):
+    tb = load_script("train_bundled")
+    kw = dict(min_objects=1, fills=(0.05, 0.1))
+    first, vols = tb.build_samples([800], 1, 2, "nuclei", cache=tmp_path, **kw)
+    assert len(list(tmp_path.glob("*.pkl"))) == 1 and not list(tmp_path.glob("*.tmp"))
+
+    def build_again(*args):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(tb, "_volume_samples", build_again)
+    again, vols_again = tb.build_samples([800], 1, 2, "nuclei", cache=tmp_path, **kw)
+    assert vols_again == vols and len(again) == len(first) > 0
+    for a, b in zip(first, again):
+        assert a.source == b.source
+        for name in ("image", "masks", "flows"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    # other generator options draw another volume: it is built, not taken from the cache
+    with pytest.raises(AssertionError, match="built again"):
+        tb.build_samples([800], 1, 2, "nuclei", cache=tmp_path, min_objects=1, fills=(0.1, 0.2))
