@@ -26,6 +26,7 @@ Each synthetic volume's planes are kept in ``--cache``: building a stage's 400 v
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -112,16 +113,20 @@ def _volume_samples(seed, n_per_axis, nchan, kind, min_objects, diameters, dim_f
 SAMPLE_CODE = ("synth.py", "train.py", "normalize.py", "flows.py")
 
 
+@functools.lru_cache(maxsize=None)
+def _code_digest() -> bytes:
+    """Digest of the source of ``SAMPLE_CODE``, read once per run."""
+    core = Path(cp3d.core.__file__).parent
+    return hashlib.sha1(b"".join((core / name).read_bytes() for name in SAMPLE_CODE)).digest()
+
+
 def _cached(cache, key: tuple, build):
     """``build()``, kept in ``cache`` under ``key`` and the source of ``SAMPLE_CODE``: building
     the 400 volumes of a stage takes 4-14 min of a CPU, loading them seconds. Written through a
     temporary file, so that runs side by side never read half a file."""
     if cache is None:
         return build()
-    digest = hashlib.sha1(repr(key).encode())
-    for name in SAMPLE_CODE:
-        digest.update((Path(cp3d.core.__file__).parent / name).read_bytes())
-    path = Path(cache) / f"{digest.hexdigest()}.pkl"
+    path = Path(cache) / f"{hashlib.sha1(_code_digest() + repr(key).encode()).hexdigest()}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes())
     value = build()
