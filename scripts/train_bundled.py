@@ -159,7 +159,7 @@ def main() -> None:
                     help="folder for the training checkpoint")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/cp3d_samples"),
                     help="folder keeping each synthetic volume's training planes for later runs "
-                         "(about 2 MB a volume)")
+                         "(about 3 MB a volume)")
     ap.add_argument("--minutes", type=float, default=60)
     ap.add_argument("--kind", choices=["nuclei", "cells"], default="nuclei",
                     help="synthetic data: touching nuclei, or membrane/cyto-stained cells")
