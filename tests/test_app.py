@@ -699,3 +699,26 @@ def test_slice_view_wheel_scrolls_planes_and_ctrl_wheel_zooms(qtbot):
     wheel(240, Qt.ControlModifier)
     assert got == [1, 2, -1, 1, -1]
     assert view.zoom == pytest.approx(1.25 ** 2)
+
+
+def test_background_task_result_arrives_with_its_end(qtbot):
+    """A task's outcome reaches the GUI thread together with its end: a timer set by on_result
+    fires after on_finished, even when the worker thread's end comes later. The window starts
+    a run on such a timer once a file is read; while the reader still counted as busy that
+    run silently did not start (seen once in a full test run)."""
+    from PySide6.QtCore import QTimer
+
+    from cp3d.app.worker import _Relay
+
+    events = []
+
+    def on_result(value):
+        events.append(("result", value))
+        QTimer.singleShot(0, lambda: events.append("timer"))
+
+    relay = _Relay(on_result, events.append, lambda: events.append("finished"))
+    relay.result(42)  # the worker thread returned...
+    qtbot.wait(50)  # ...and the GUI thread ran its event loop before the thread ended
+    relay.finished()
+    qtbot.waitUntil(lambda: "timer" in events, timeout=5_000)
+    assert events == [("result", 42), "finished", "timer"]

@@ -256,24 +256,35 @@ class FunctionWorker(QObject):
 
 class _Relay(QObject):
     """Lives in the GUI thread, so signals from the worker thread reach these slots queued
-    (a bare Python callable as receiver could run in the worker thread)."""
+    (a bare Python callable as receiver could run in the worker thread).
+
+    The outcome is held until the task's ``done`` arrives and is then delivered with it, in one
+    slot: on_result (or on_error), then on_finished. A callback that schedules the next step
+    with a timer (the window starts a run once a file is read) thus always finds the task
+    finished; delivered apart, the timer could fire before ``done`` and see the task busy."""
 
     def __init__(self, on_result, on_error, on_finished):
         super().__init__()
         self._cb = (on_result, on_error, on_finished)
+        self._outcome = None  # (callback, argument) once the task has returned or raised
 
     @Slot(object)
     def result(self, value) -> None:
-        self._cb[0](value)
+        self._outcome = (self._cb[0], value)
 
     @Slot(object)
     def error(self, exc) -> None:
-        self._cb[1](exc)
+        self._outcome = (self._cb[1], exc)
 
     @Slot()
     def finished(self) -> None:
-        if self._cb[2] is not None:
-            self._cb[2]()
+        outcome, self._outcome = self._outcome, None
+        try:
+            if outcome is not None:
+                outcome[0](outcome[1])
+        finally:
+            if self._cb[2] is not None:
+                self._cb[2]()
 
 
 class Task:
