@@ -202,7 +202,7 @@ def test_drop_runs_segmentation_and_saves(qtbot, tmp_path, core):
     use_model(qtbot, w, model)
     stages = []
     drop_files(w, [path])
-    qtbot.waitUntil(lambda: w.is_running, timeout=30_000)
+    qtbot.waitUntil(lambda: w.is_running, timeout=5_000)
     w.worker.progress.connect(lambda s, f: stages.append(s))
     wait_done(qtbot, w, timeout=60_000)
     assert w.errors == []
@@ -591,7 +591,7 @@ def test_close_during_run_cancels_and_writes_nothing(qtbot, tmp_path):
     path = write_tiff(tmp_path / "closing.tif", img)
     w = make_window(qtbot, tmp_path, FakeBackend(delay=0.1, steps=20))
     w.open_paths([path])
-    qtbot.waitUntil(lambda: w.is_running, timeout=30_000)
+    qtbot.waitUntil(lambda: w.is_running, timeout=5_000)
     thread = w.thread
     t0 = time.perf_counter()
     w.close()
