@@ -21,6 +21,9 @@ last 30% of ``--minutes``. Weights go to ``--out`` as float16 (with a JSON sidec
 epochs, so a stopped run still leaves a usable model; ``--resume`` continues from the checkpoint.
 Each synthetic volume's planes are kept in ``--cache``: building a stage's 400 volumes takes
 4-14 min of a CPU, so a later run on the same sets starts in seconds.
+
+On a GPU machine (``--gpu``; scripts/gpu_train.sh) ``--workers N`` draws the volumes in N
+processes and builds the training batches ahead in N more, so that the GPU is kept busy.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import functools
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import time
@@ -41,7 +45,7 @@ import torch
 import cp3d.core
 from cp3d.core.cancel import CancelToken
 from cp3d.core.errors import Cancelled
-from cp3d.core.models import load_model, save_model
+from cp3d.core.models import load_model, pick_device, save_model
 from cp3d.core.net import CPnet, widen
 from cp3d.core.synth import _loguniform, random_volume
 from cp3d.core.train import train, volume_slices
@@ -69,7 +73,8 @@ UNEVEN_ANISOTROPIES = (1.5, 3.0)
 
 
 def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diameters=None,
-                  dim_fractions=None, fills=None, anisotropies=None, ranges=None, cache=None):
+                  dim_fractions=None, fills=None, anisotropies=None, ranges=None, cache=None,
+                  workers=0):
     """Training planes of the random volumes of ``seeds``. Cells: every other volume has a
     nuclear channel, given as the second input (chan=1, chan2=2); the others are grayscale.
     ``diameters`` (lo, hi): draw each volume's diameter log-uniformly there instead;
@@ -77,15 +82,35 @@ def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diamet
     ``fills`` (lo, hi): draw the fraction of the volume filled by nuclei log-uniformly there;
     ``anisotropies`` (lo, hi): draw the Z anisotropy uniformly there;
     ``ranges`` {name: (lo, hi)}: draw each named generator parameter log-uniformly there.
-    ``cache``: a folder keeping each volume's planes (see :func:`_cached`)."""
-    samples, meta = [], []
+    ``cache``: a folder keeping each volume's planes (see :func:`_cached`);
+    ``workers``: processes drawing volumes side by side (a GPU machine's cores)."""
     options = (n_per_axis, nchan, kind, min_objects, diameters, dim_fractions, fills,
                anisotropies, sorted((ranges or {}).items()))
-    for seed in seeds:
-        got, m = _cached(cache, (seed, *options), lambda: _volume_samples(seed, *options))
+    jobs = [(cache, seed, options) for seed in seeds]
+    samples, meta = [], []
+    for got, m in process_map(_cached_volume, jobs, workers):
         samples += got
         meta.append(m)
     return samples, meta
+
+
+def process_map(fn, items, workers: int) -> list:
+    """``[fn(item) for item in items]``, in order, over up to ``workers`` processes.
+
+    Spawned, not forked: this process has run numba's parallel loops (GNU OpenMP), and numba
+    stops a forked child that runs them again ("fork() called from a process already using GNU
+    OpenMP, this is unsafe"). A spawned worker imports this script again by its name, so ``fn``
+    must be one of its module-level functions."""
+    if workers < 2 or len(items) < 2:
+        return [fn(item) for item in items]
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(items))) as pool:
+        return pool.map(fn, items, chunksize=1)
+
+
+def _cached_volume(job):
+    """One volume's planes and description, from the cache or drawn (a worker's job)."""
+    cache, seed, options = job
+    return _cached(cache, (seed, *options), lambda: _volume_samples(seed, *options))
 
 
 def _volume_samples(seed, n_per_axis, nchan, kind, min_objects, diameters, dim_fractions, fills,
@@ -199,6 +224,11 @@ def main() -> None:
     ap.add_argument("--init", default=None, help="start from these weights (fine-tune)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gpu", action="store_true", help="train on the GPU (CUDA or MPS)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="processes drawing the volumes and building batches ahead; a GPU "
+                         "needs several to be kept busy")
+    ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--save_every", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -211,7 +241,8 @@ def main() -> None:
     def add_set(n: int, first_seed: int, **options) -> None:
         """Append the planes of ``n`` volumes from ``first_seed`` drawn with ``options``."""
         got, got_vols = build_samples(range(first_seed, first_seed + n), args.n_per_axis, nchan,
-                                      args.kind, cache=args.cache, **options)
+                                      args.kind, cache=args.cache, workers=args.workers,
+                                      **options)
         samples.extend(got)
         vols.extend(got_vols)
 
@@ -251,7 +282,8 @@ def main() -> None:
         samples += real
         data += " + real: " + ", ".join(names)
     data += f", {len(samples)} planes in YX/ZY/ZX"
-    test, _ = build_samples(TEST_SEEDS, 2, nchan, args.kind, cache=args.cache)
+    test, _ = build_samples(TEST_SEEDS, 2, nchan, args.kind, cache=args.cache,
+                            workers=args.workers)
     print(f"{len(samples)} training planes from {len(vols)} volumes, {len(test)} held-out, "
           f"{time.time() - t0:.0f} s", flush=True)
 
@@ -271,6 +303,8 @@ def main() -> None:
     if args.resume and state_file.exists():  # keep the clock of the interrupted run
         t_train -= json.loads(state_file.read_text())["elapsed"]
     cancel = CancelToken()
+    device = pick_device(args.gpu)
+    print(f"training on {device}", flush=True)
 
     def fraction() -> float:
         return (time.time() - t_train) / budget
@@ -285,7 +319,8 @@ def main() -> None:
     def save(epoch, train_loss, test_loss, final=False):
         save_model(net, args.out, half=True, metadata=dict(
             recipe="scripts/train_bundled.py", final=final, epochs=epoch + 1,
-            iterations=(epoch + 1) * math.ceil(args.nimg_per_epoch / 8),
+            iterations=(epoch + 1) * math.ceil(args.nimg_per_epoch / args.batch_size),
+            batch_size=args.batch_size, device=device.type,
             train_loss=train_loss, test_loss=test_loss, nbase=net.nbase, bsize=args.bsize,
             lr=args.lr, init=args.init, minutes=round((time.time() - t0) / 60, 1),
             data=data,
@@ -309,8 +344,9 @@ def main() -> None:
             cancel.cancel()
 
     try:
-        train(net, samples, test, n_epochs=100000, learning_rate=lr_at, batch_size=8,
-              nimg_per_epoch=args.nimg_per_epoch, bsize=args.bsize, test_every=5,
+        train(net, samples, test, n_epochs=100000, learning_rate=lr_at,
+              batch_size=args.batch_size, nimg_per_epoch=args.nimg_per_epoch, bsize=args.bsize,
+              device=device, workers=args.workers, test_every=5,
               checkpoint_path=args.work / "bundled.ckpt", resume=args.resume,
               on_epoch=on_epoch, cancel=cancel)
     except Cancelled:

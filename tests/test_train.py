@@ -16,7 +16,7 @@ from cp3d.core.models import load_model, save_model
 from cp3d.core.net import CPnet
 from cp3d.core.pipeline import segment
 from cp3d.core.synth import nuclei_labels, render_nuclei
-from cp3d.core.train import (TrainingPair, augment, learning_rates, make_sample,
+from cp3d.core.train import (BatchSource, TrainingPair, augment, learning_rates, make_sample,
                              median_diameter, split_validation, train, train_model,
                              volume_slices)
 from cp3d.core.train_cli import train_main
@@ -121,6 +121,36 @@ def test_resume_continues_exactly_where_it_stopped(trained, samples, tmp_path):
     assert resumed.epochs_done == 6 and len(resumed.train_losses) == 6
     # same data order, augmentation, weights and optimizer state as the uninterrupted run
     np.testing.assert_allclose(resumed.train_losses, full.train_losses, rtol=1e-3)
+
+
+def test_batch_workers_build_the_same_batches(samples):
+    """Batches built ahead in forked workers (for GPUs) are those built in the training
+    process, in the same order, and a lone leftover plane is dropped (BatchNorm needs 2)."""
+    order = np.random.default_rng(1).permutation(len(samples))[:9]
+    with BatchSource(samples, 30.0, 2, 64, seed=3) as here, \
+            BatchSource(samples, 30.0, 2, 64, seed=3, workers=2) as ahead:
+        assert ahead.loader is not None
+        for epoch in (0, 1):
+            mine = list(here.batches(epoch, order, 4))
+            theirs = list(ahead.batches(epoch, order, 4))
+            assert [b for b, *_ in mine] == [b for b, *_ in theirs] == [0, 4]
+            for (_, img, tgt), (_, img2, tgt2) in zip(mine, theirs):
+                np.testing.assert_array_equal(img, img2)
+                np.testing.assert_array_equal(tgt, tgt2)
+        assert not np.array_equal(mine[0][1], list(here.batches(0, order, 4))[1][1])
+    assert ahead.loader is None
+
+
+def test_training_with_batch_workers_matches_training_without(trained, samples):
+    full, _ = trained
+    ahead = train(_net(), samples, samples[:3], n_epochs=6, workers=2, **KW)
+    np.testing.assert_allclose(ahead.train_losses, full.train_losses, rtol=1e-4)
+    # a run stopped mid-way (the time budget of scripts/train_bundled.py) ends its workers
+    # and returns (a first multiprocessing.Pool version hung there, in the smoke run)
+    token = CancelToken()
+    with pytest.raises(Cancelled):
+        train(_net(), samples, n_epochs=6, workers=2, cancel=token,
+              on_epoch=lambda e, tr, te: token.cancel(), **KW)
 
 
 def test_cancel_stops_between_batches_and_keeps_checkpoint(samples, tmp_path):

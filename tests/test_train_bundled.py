@@ -1,9 +1,12 @@
 """scripts/train_bundled.py: the extra training sets draw their generator parameters as stated."""
 
+import importlib
+
 import numpy as np
 import pytest
 
 from cp3d.core.synth import random_volume
+
 
 def test_embryo_like_set_draws_each_parameter_in_its_range_reproducibly(load_script):
     tb = load_script("train_bundled")
@@ -95,3 +98,21 @@ def test_cached_volume_loads_the_same_planes_without_building_them_again(load_sc
     # other generator options draw another volume: it is built, not taken from the cache
     with pytest.raises(AssertionError, match="built again"):
         tb.build_samples([800], 1, 2, "nuclei", cache=tmp_path, min_objects=1, fills=(0.1, 0.2))
+
+
+def test_volumes_drawn_by_worker_processes_are_those_drawn_here(tmp_path, monkeypatch):
+    """--workers (a GPU machine's cores): the same planes in the same order, each volume
+    cached once. The workers are spawned and import the script by name, as when it is run."""
+    from conftest import SCRIPTS
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    tb = importlib.import_module("train_bundled")
+    seeds = range(tb.TINY_SEEDS_FROM, tb.TINY_SEEDS_FROM + 3)
+    kw = dict(min_objects=1, diameters=tb.TINY_DIAMETERS, ranges=tb.TINY_RANGES)
+    here, vols = tb.build_samples(seeds, 1, 2, "nuclei", **kw)
+    apart, vols_apart = tb.build_samples(seeds, 1, 2, "nuclei", cache=tmp_path, workers=2, **kw)
+    assert vols_apart == vols and [s.source for s in apart] == [s.source for s in here]
+    for a, b in zip(here, apart):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.flows, b.flows)
+    assert len(list(tmp_path.glob("*.pkl"))) == 3

@@ -14,7 +14,9 @@ flows, halved, plus binary cross-entropy of the cell-probability logit against t
 
 On CPUs with native bfloat16 (recent x86) the forward/backward pass runs under bfloat16
 autocast in channels-last layout, about twice as fast as float32 (``bench/train.py``); the
-weights and the optimizer stay float32.
+weights and the optimizer stay float32. On a GPU, ``workers`` processes build the batches ahead
+(:class:`BatchSource`); each batch's augmentation has its own random stream, so the batches are
+the same with or without them.
 """
 
 from __future__ import annotations
@@ -294,6 +296,87 @@ def make_batch(samples: Sequence[Sample], idx, rng, diam_mean, nchan, bsize=BSIZ
     return imgs, targets
 
 
+def batch_rng(seed: int, epoch: int, start: int) -> np.random.Generator:
+    """The random stream that augments one batch, named by the run's seed, the epoch and the
+    batch's first position in it: a batch comes out the same whichever process builds it, and a
+    resumed run augments as the uninterrupted one did."""
+    return np.random.default_rng([seed, epoch, start])
+
+
+class BatchSource:
+    """Training batches in order, built here (``workers`` 0) or ahead by ``workers`` processes
+    (torch's DataLoader, which also ends them cleanly when a run stops or one of them dies).
+    On a GPU one process cannot build batches (augmentation, about 6 ms a 224-px plane on one
+    core) as fast as the network consumes them. The workers are forked, so they share the
+    planes without copying them; augmentation is numpy and scipy only, as a forked child must
+    not run numba's parallel loops (numba stops one that does, once the parent has run them).
+    Off Linux (no safe fork) the batches are built here. Use as a context manager, so that
+    the workers end with the run."""
+
+    def __init__(self, samples: Sequence[Sample], diam_mean: float, nchan: int, bsize: int,
+                 seed: int = 0, workers: int = 0):
+        import sys
+
+        self.dataset = _Batches(samples, seed, (diam_mean, nchan, bsize))
+        self.plan = _Plan()
+        self.loader = None
+        if workers > 0 and sys.platform.startswith("linux"):
+            self.loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=None, sampler=self.plan, num_workers=workers,
+                collate_fn=_as_is, persistent_workers=True, prefetch_factor=2,
+                multiprocessing_context="fork")
+        elif workers > 0:
+            log.info("batch workers need Linux's fork(); building batches in this process")
+
+    def batches(self, epoch: int, order: np.ndarray, batch_size: int):
+        """(start, images, targets) for the batches of ``order``, in order."""
+        starts = list(range(0, len(order), batch_size))
+        if len(starts) > 1 and len(order) - starts[-1] < 2:
+            starts.pop()  # BatchNorm needs 2+ samples: a lone leftover is dropped
+        self.plan.keys = [(epoch, b, order[b:b + batch_size]) for b in starts]
+        made = self.loader if self.loader is not None else map(self.dataset.__getitem__,
+                                                                 self.plan.keys)
+        for b, (imgs, targets) in zip(starts, made):
+            yield b, imgs, targets
+
+    def close(self) -> None:
+        self.loader = None  # the DataLoader's iterator ends its workers when it goes
+
+    def __enter__(self) -> "BatchSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch ``(epoch, start, indices)`` of the planes, augmented by :func:`batch_rng`."""
+
+    def __init__(self, samples: Sequence[Sample], seed: int, args: tuple):
+        self.samples, self.seed, self.args = samples, seed, args
+
+    def __getitem__(self, key):
+        epoch, start, idx = key
+        return make_batch(self.samples, idx, batch_rng(self.seed, epoch, start), *self.args)
+
+
+class _Plan(torch.utils.data.Sampler):
+    """The keys of the current epoch's batches, set before each epoch is read."""
+
+    def __init__(self):
+        self.keys: list = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _as_is(batch):
+    return batch
+
+
 # --------------------------------------------------------------------------- loop
 
 
@@ -384,6 +467,7 @@ def train(
     half_weights: bool = False,
     metadata: Optional[dict] = None,
     seed: int = 0,
+    workers: int = 0,
     on_epoch: Optional[EpochFn] = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
@@ -396,6 +480,8 @@ def train(
     goes to ``save_path`` every ``save_every`` epochs and at the end, with a JSON sidecar.
     ``learning_rate``: a number (Cellpose's warm-up/decay schedule over ``n_epochs``), one value
     per epoch, or a function of the epoch. ``amp`` None: bfloat16 autocast where it is faster.
+    ``workers``: processes building batches ahead (:class:`BatchSource`; for GPUs), with the
+    same batches as without them.
     ``on_epoch(epoch, train_loss, test_loss)`` is called after each epoch (test_loss None on
     epochs without a test pass); ``cancel`` stops between batches with :class:`Cancelled`
     (the last checkpoint stays, so the run can be resumed).
@@ -470,39 +556,36 @@ def train(
     t0 = time.perf_counter()
     epoch = start - 1
     report(progress, "training", start / n_epochs)
-    for epoch in range(start, n_epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = _rate(learning_rate, rates, epoch)
-        net.train()
-        order = rng.permutation(np.resize(rng.permutation(n_train), per_epoch))
-        epoch_loss, seen = 0.0, 0
-        for b in range(0, per_epoch, batch_size):
-            check_cancel(cancel)
-            idx = order[b:b + batch_size]
-            if len(idx) < 2 and seen:  # BatchNorm needs 2+ samples; a lone leftover is dropped
-                break
-            imgs, targets = make_batch(train_samples, idx, rng, diam_mean, nchan, bsize)
-            loss = train_step(net, optimizer, imgs, targets, device, use_amp)
-            epoch_loss += loss * len(idx)
-            seen += len(idx)
-            report(progress, "training", (epoch + (b + len(idx)) / per_epoch) / n_epochs)
-        train_losses.append(epoch_loss / max(seen, 1))
-        test_loss = None
-        if test_samples and (epoch % max(test_every, 1) == 0 or epoch == n_epochs - 1):
-            test_loss = evaluate_loss(net, test_samples, diam_mean, nchan, bsize, device,
-                                      seed, use_amp)
-        test_losses.append(test_loss)
-        if checkpoint_path is not None:
-            _save_checkpoint(Path(checkpoint_path), net, optimizer, epoch, train_losses,
-                             test_losses, rng, config)
-        if save_path is not None and save_every and (epoch + 1) % save_every == 0 \
-                and epoch != n_epochs - 1:
-            save(epoch + 1)
-        log.info("epoch %d: train loss %.4f%s, lr %.2g", epoch, train_losses[-1],
-                 "" if test_loss is None else f", test loss {test_loss:.4f}",
-                 optimizer.param_groups[0]["lr"])
-        if on_epoch is not None:
-            on_epoch(epoch, train_losses[-1], test_loss)
+    with BatchSource(train_samples, diam_mean, nchan, bsize, seed, workers) as source:
+        for epoch in range(start, n_epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = _rate(learning_rate, rates, epoch)
+            net.train()
+            order = rng.permutation(np.resize(rng.permutation(n_train), per_epoch))
+            epoch_loss, seen = 0.0, 0
+            for b, imgs, targets in source.batches(epoch, order, batch_size):
+                check_cancel(cancel)
+                loss = train_step(net, optimizer, imgs, targets, device, use_amp)
+                epoch_loss += loss * len(imgs)
+                seen += len(imgs)
+                report(progress, "training", (epoch + (b + len(imgs)) / per_epoch) / n_epochs)
+            train_losses.append(epoch_loss / max(seen, 1))
+            test_loss = None
+            if test_samples and (epoch % max(test_every, 1) == 0 or epoch == n_epochs - 1):
+                test_loss = evaluate_loss(net, test_samples, diam_mean, nchan, bsize, device,
+                                          seed, use_amp)
+            test_losses.append(test_loss)
+            if checkpoint_path is not None:
+                _save_checkpoint(Path(checkpoint_path), net, optimizer, epoch, train_losses,
+                                 test_losses, rng, config)
+            if save_path is not None and save_every and (epoch + 1) % save_every == 0 \
+                    and epoch != n_epochs - 1:
+                save(epoch + 1)
+            log.info("epoch %d: train loss %.4f%s, lr %.2g", epoch, train_losses[-1],
+                     "" if test_loss is None else f", test loss {test_loss:.4f}",
+                     optimizer.param_groups[0]["lr"])
+            if on_epoch is not None:
+                on_epoch(epoch, train_losses[-1], test_loss)
     net.eval()
     net.to(memory_format=torch.contiguous_format)
     result = TrainResult(None, epoch + 1, train_losses, test_losses, time.perf_counter() - t0,

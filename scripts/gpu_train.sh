@@ -1,0 +1,61 @@
+#!/bin/bash
+# Train Cellpose-sized (nbase 2-32-64-128-256) nuclei and cyto networks in one go on a GPU
+# machine, both side by side on the one GPU, for a fixed number of minutes.
+#
+#     OUT=DIR MINUTES=8 WORKERS=16 bash scripts/gpu_train.sh [REAL_DIR]
+#
+# Made for a short loan of a GPU machine (one command of at most 10 minutes, 16 cores): the
+# synthetic sets are drawn there by WORKERS processes (no cache travels), each network starts
+# from the bundled narrow weights widened to Cellpose's widths (cp3d.core.net.widen), and
+# forked workers build the batches ahead so that the GPU is not kept waiting. MINUTES counts
+# from the start, data included. REAL_DIR: QCANet's embryos (scripts/make_real_embryos.py);
+# the 8-cell one is trained on (3 times), the 16-cell one stays held out.
+# Writes OUT/gpu_nuclei.pth, OUT/gpu_cyto.pth (fp16, JSON sidecars) and their logs; evaluate
+# them here with bench/quality.py --model PATH. GPU=0 runs the same on the CPU (a smoke test);
+# PYTHON: the interpreter (default python3, the GPU machine's).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/cp3d_gpu}
+MINUTES=${MINUTES:-8}
+WORKERS=${WORKERS:-16}
+EPOCH_IMAGES=${EPOCH_IMAGES:-1024}
+BATCH=${BATCH:-32}
+BSIZE=${BSIZE:-224}
+LR=${LR:-0.001}
+SETS_SCALE=${SETS_SCALE:-1}  # a fraction for smoke tests: fewer volumes in every set
+PYTHON=${PYTHON:-python3}
+REAL_DIR=${1:-}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+gpu=--gpu
+[ "${GPU:-1}" = 0 ] && gpu=
+half=$((WORKERS / 2 > 1 ? WORKERS / 2 : 1))
+n() { "$PYTHON" -c "print(max(1, round($1 * $SETS_SCALE)))"; }
+
+common=(--nbase 2 32 64 128 256 --bsize "$BSIZE" --batch_size "$BATCH" --lr "$LR"
+        --nimg_per_epoch "$EPOCH_IMAGES" --minutes "$MINUTES" --workers "$half" --threads 2
+        --save_every 1)
+nuclei=(--kind nuclei --init cp3d/resources/models/cp3d_nuclei.pth --out "$OUT/gpu_nuclei.pth"
+        --work /tmp/cp3d_gpu_nuclei --cache /tmp/cp3d_gpu_cache
+        --n_volumes "$(n 96)" --n_small "$(n 96)" --n_dim "$(n 48)" --n_sparse "$(n 96)"
+        --n_uneven "$(n 64)")
+if [ -n "$REAL_DIR" ]; then
+    nuclei+=(--real "$REAL_DIR/mouse_embryo_8cell_img.tif" "$REAL_DIR/mouse_embryo_8cell_gt.tif"
+             --real_repeat 3)
+fi
+cyto=(--kind cells --init cp3d/resources/models/cp3d_cyto.pth --out "$OUT/gpu_cyto.pth"
+      --work /tmp/cp3d_gpu_cyto --cache /tmp/cp3d_gpu_cache
+      --n_volumes "$(n 96)" --n_small "$(n 96)" --small_range 12 24)
+
+(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv) \
+    > "$OUT/gpu.txt" 2>&1
+"$PYTHON" scripts/train_bundled.py $gpu "${common[@]}" "${nuclei[@]}" > "$OUT/gpu_nuclei.log" 2>&1 &
+p1=$!
+"$PYTHON" scripts/train_bundled.py $gpu "${common[@]}" "${cyto[@]}" > "$OUT/gpu_cyto.log" 2>&1 &
+p2=$!
+wait $p1; rc1=$?
+wait $p2; rc2=$?
+for kind in nuclei cyto; do
+    echo "== $kind"; head -4 "$OUT/gpu_$kind.log"; tail -3 "$OUT/gpu_$kind.log"
+done
+exit $((rc1 || rc2))
