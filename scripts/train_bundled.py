@@ -238,45 +238,36 @@ def main() -> None:
     t0 = time.time()
     nchan = (args.nbase or CPU_NBASE)[0]
 
-    def add_set(n: int, first_seed: int, **options) -> None:
-        """Append the planes of ``n`` volumes from ``first_seed`` drawn with ``options``."""
+    def add_set(n: int, first_seed: int, what: str, detail: str = "", **options) -> None:
+        """Append the planes of ``n`` volumes from ``first_seed`` drawn with ``options``, and
+        describe them in the sidecar's data as "+ n what (detail, seeds a-b)" (the main set,
+        ``what`` empty, is described apart)."""
+        nonlocal data
+        if not n:
+            return
         got, got_vols = build_samples(range(first_seed, first_seed + n), args.n_per_axis, nchan,
                                       args.kind, cache=args.cache, workers=args.workers,
                                       **options)
         samples.extend(got)
         vols.extend(got_vols)
+        if what:
+            data += f" + {n} {what} ({detail}seeds {first_seed}-{first_seed + n - 1})"
 
     samples, vols = [], []
-    add_set(args.n_volumes, 0)
-    add_set(args.n_small, SMALL_SEEDS_FROM, diameters=args.small_range)
-    add_set(args.n_dim, DIM_SEEDS_FROM, diameters=args.small_range,
-            dim_fractions=args.dim_range)
-    add_set(args.n_sparse, SPARSE_SEEDS_FROM, min_objects=1, fills=args.fill_range)
-    add_set(args.n_uneven, UNEVEN_SEEDS_FROM, min_objects=1, diameters=UNEVEN_DIAMETERS,
-            anisotropies=UNEVEN_ANISOTROPIES, ranges=UNEVEN_RANGES)
-    add_set(args.n_tiny, TINY_SEEDS_FROM, min_objects=1, diameters=TINY_DIAMETERS,
-            ranges=TINY_RANGES)
     data = f"synthetic {args.kind} volumes (cp3d.core.synth.random_volume), seeds " \
            f"0-{args.n_volumes - 1}"
-    if args.n_small:
-        lo, hi = args.small_range
-        data += f" + {args.n_small} small ({lo:g}-{hi:g} px, seeds {SMALL_SEEDS_FROM}-" \
-                f"{SMALL_SEEDS_FROM + args.n_small - 1})"
-    if args.n_dim:
-        lo, hi = args.dim_range
-        data += f" + {args.n_dim} small with {lo:g}-{hi:g} of them dim (seeds {DIM_SEEDS_FROM}-" \
-                f"{DIM_SEEDS_FROM + args.n_dim - 1})"
-    if args.n_sparse:
-        lo, hi = args.fill_range
-        data += f" + {args.n_sparse} sparse (fill {lo:g}-{hi:g}, seeds {SPARSE_SEEDS_FROM}-" \
-                f"{SPARSE_SEEDS_FROM + args.n_sparse - 1})"
-    if args.n_uneven:
-        data += f" + {args.n_uneven} embryo-like (sparse, large, unevenly bright; seeds " \
-                f"{UNEVEN_SEEDS_FROM}-{UNEVEN_SEEDS_FROM + args.n_uneven - 1})"
-    if args.n_tiny:
-        lo, hi = TINY_DIAMETERS
-        data += f" + {args.n_tiny} tiny sparse ({lo:g}-{hi:g} px, seeds {TINY_SEEDS_FROM}-" \
-                f"{TINY_SEEDS_FROM + args.n_tiny - 1})"
+    add_set(args.n_volumes, 0, "")
+    small = "{:g}-{:g} px, ".format(*args.small_range)
+    add_set(args.n_small, SMALL_SEEDS_FROM, "small", small, diameters=args.small_range)
+    add_set(args.n_dim, DIM_SEEDS_FROM, "small with {:g}-{:g} of them dim".format(*args.dim_range),
+            diameters=args.small_range, dim_fractions=args.dim_range)
+    add_set(args.n_sparse, SPARSE_SEEDS_FROM, "sparse", "fill {:g}-{:g}, ".format(*args.fill_range),
+            min_objects=1, fills=args.fill_range)
+    add_set(args.n_uneven, UNEVEN_SEEDS_FROM, "embryo-like", "sparse, large, unevenly bright; ",
+            min_objects=1, diameters=UNEVEN_DIAMETERS, anisotropies=UNEVEN_ANISOTROPIES,
+            ranges=UNEVEN_RANGES)
+    add_set(args.n_tiny, TINY_SEEDS_FROM, "tiny sparse", "{:g}-{:g} px, ".format(*TINY_DIAMETERS),
+            min_objects=1, diameters=TINY_DIAMETERS, ranges=TINY_RANGES)
     if args.real:
         real, names = real_samples(args.real, nchan, args.real_repeat)
         samples += real
