@@ -23,7 +23,7 @@ import numpy as np
 
 from cp3d.core.evaluate import THRESHOLDS, Score, format_table, score_masks, synthetic_case
 from cp3d.core.io import read_volume
-from cp3d.core.models import load_model
+from cp3d.core.models import load_model, pick_device
 from cp3d.core.pipeline import segment
 from cp3d.resources import SAMPLE_DIR
 
@@ -67,8 +67,9 @@ def main() -> None:
                     help="skip the bundled sample and the real volumes")
     ap.add_argument("--real", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared/data/real")
+    ap.add_argument("--gpu", action="store_true", help="run the network on the GPU")
     args = ap.parse_args()
-    model = load_model(args.model)
+    model = load_model(args.model, device=pick_device(args.gpu))
     SEGMENT_OPTIONS["augment"] = args.augment
     given, estimated = [], []
     for seed in range(args.first_seed, args.first_seed + args.n_synth):

@@ -10,9 +10,12 @@
 # forked workers build the batches ahead so that the GPU is not kept waiting. MINUTES counts
 # from the start, data included. REAL_DIR: QCANet's embryos (scripts/make_real_embryos.py);
 # the 8-cell one is trained on (3 times), the 16-cell one stays held out.
-# Writes OUT/gpu_nuclei.pth, OUT/gpu_cyto.pth (fp16, JSON sidecars) and their logs; evaluate
-# them here with bench/quality.py --model PATH. GPU=0 runs the same on the CPU (a smoke test);
-# PYTHON: the interpreter (default python3, the GPU machine's).
+# Writes OUT/gpu_nuclei.pth, OUT/gpu_cyto.pth (fp16, JSON sidecars) and their logs, then
+# evaluates both there (bench/quality.py on the GPU, EVAL_MINUTES at most; EVAL=0 skips it)
+# into OUT/eval_nuclei.log and OUT/eval_cyto.log. GPU=0 runs the same on the CPU (a smoke
+# test); PYTHON: the interpreter (default python3, the GPU machine's).
+# Within a 10-minute command: MINUTES=6 EVAL_MINUTES=2.5 (the rows of bench/quality.py are
+# written as they come, so a cut evaluation still returns what it measured).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/cp3d_gpu}
@@ -49,13 +52,28 @@ cyto=(--kind cells --init cp3d/resources/models/cp3d_cyto.pth --out "$OUT/gpu_cy
 
 (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv) \
     > "$OUT/gpu.txt" 2>&1
+# a missing or mismatched package ends the run here, in seconds, not after the data is drawn
+"$PYTHON" -c "import numba, numpy, scipy, tifffile, torch, cp3d.core.pipeline, cp3d.core.train
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'numpy', numpy.__version__,
+      'numba', numba.__version__)" >> "$OUT/gpu.txt" 2>&1 || { cat "$OUT/gpu.txt"; exit 1; }
 "$PYTHON" scripts/train_bundled.py $gpu "${common[@]}" "${nuclei[@]}" > "$OUT/gpu_nuclei.log" 2>&1 &
 p1=$!
 "$PYTHON" scripts/train_bundled.py $gpu "${common[@]}" "${cyto[@]}" > "$OUT/gpu_cyto.log" 2>&1 &
 p2=$!
 wait $p1; rc1=$?
 wait $p2; rc2=$?
+cat "$OUT/gpu.txt"
 for kind in nuclei cyto; do
     echo "== $kind"; head -4 "$OUT/gpu_$kind.log"; tail -3 "$OUT/gpu_$kind.log"
 done
-exit $((rc1 || rc2))
+[ $((rc1 || rc2)) = 0 ] || exit 1
+[ "${EVAL:-1}" = 0 ] && exit 0
+limit=$("$PYTHON" -c "print(int(${EVAL_MINUTES:-3} * 60))")
+real=()
+[ -n "$REAL_DIR" ] && real=(--real "$REAL_DIR")
+timeout "$limit" "$PYTHON" bench/quality.py $gpu --kind nuclei --n_synth "${EVAL_SYNTH:-6}" \
+    --model "$OUT/gpu_nuclei.pth" "${real[@]}" > "$OUT/eval_nuclei.log" 2>&1 &
+timeout "$limit" "$PYTHON" bench/quality.py $gpu --kind cells --n_synth "${EVAL_SYNTH:-4}" \
+    --model "$OUT/gpu_cyto.pth" > "$OUT/eval_cyto.log" 2>&1 &
+wait
+for kind in nuclei cyto; do echo "== eval $kind"; tail -n 22 "$OUT/eval_$kind.log"; done
