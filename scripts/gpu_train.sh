@@ -56,9 +56,12 @@ cyto=(--kind cells --init cp3d/resources/models/cp3d_cyto.pth --out "$OUT/gpu_cy
 "$PYTHON" -c "import numba, numpy, scipy, tifffile, torch, cp3d.core.pipeline, cp3d.core.train
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'numpy', numpy.__version__,
       'numba', numba.__version__)" >> "$OUT/gpu.txt" 2>&1 || { cat "$OUT/gpu.txt"; exit 1; }
-"$PYTHON" scripts/train_bundled.py $gpu "${common[@]}" "${nuclei[@]}" > "$OUT/gpu_nuclei.log" 2>&1 &
+# one numba thread per process: the volumes are drawn by WORKERS processes already
+NUMBA_NUM_THREADS=1 "$PYTHON" scripts/train_bundled.py $gpu "${common[@]}" "${nuclei[@]}" \
+    > "$OUT/gpu_nuclei.log" 2>&1 &
 p1=$!
-"$PYTHON" scripts/train_bundled.py $gpu "${common[@]}" "${cyto[@]}" > "$OUT/gpu_cyto.log" 2>&1 &
+NUMBA_NUM_THREADS=1 "$PYTHON" scripts/train_bundled.py $gpu "${common[@]}" "${cyto[@]}" \
+    > "$OUT/gpu_cyto.log" 2>&1 &
 p2=$!
 wait $p1; rc1=$?
 wait $p2; rc2=$?
@@ -71,6 +74,7 @@ done
 limit=$("$PYTHON" -c "print(int(${EVAL_MINUTES:-3} * 60))")
 real=()
 [ -n "$REAL_DIR" ] && real=(--real "$REAL_DIR")
+export NUMBA_NUM_THREADS=$half  # the 3D dynamics of two evaluations side by side
 timeout "$limit" "$PYTHON" bench/quality.py $gpu --kind nuclei --n_synth "${EVAL_SYNTH:-6}" \
     --model "$OUT/gpu_nuclei.pth" "${real[@]}" > "$OUT/eval_nuclei.log" 2>&1 &
 timeout "$limit" "$PYTHON" bench/quality.py $gpu --kind cells --n_synth "${EVAL_SYNTH:-4}" \
