@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,8 +316,6 @@ class BatchSource:
 
     def __init__(self, samples: Sequence[Sample], diam_mean: float, nchan: int, bsize: int,
                  seed: int = 0, workers: int = 0):
-        import sys
-
         self.dataset = _Batches(samples, seed, (diam_mean, nchan, bsize))
         self.plan = _Plan()
         self.loader = None
