@@ -238,3 +238,14 @@ def test_cellprob_shift_makes_threshold_zero_act_as_the_chosen_one():
     np.testing.assert_allclose(cp1, cp0 + 1.5, atol=1e-4)  # 3 views, each +0.5
     np.testing.assert_allclose(dP1, dP0, atol=1e-6)
     assert ((cp1 > 0) == (cp0 > -1.5)).mean() > 0.9999
+
+
+def test_bundled_nuclei_model_has_cellpose_keys_and_widths():
+    """The default model has the state-dict keys of Cellpose 3's CPnet (the fixture it wrote) and
+    the widths its CellposeModel builds, so Cellpose loads it; the fast one is the narrow net."""
+    theirs = torch.load(CELLPOSE_PTH, weights_only=True)
+    for name, nbase in (("cp3d_nuclei", [2, 32, 64, 128, 256]),
+                        ("cp3d_nuclei_fast", [2, 16, 32, 64, 128])):
+        model = load_model(name)
+        assert set(load_state_dict(model.path)) == set(theirs)
+        assert model.net.nbase == nbase and model.path.parent == models.bundled_models_dir()
