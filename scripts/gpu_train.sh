@@ -6,8 +6,9 @@
 #
 # Made for a short loan of a GPU machine (one command of at most 10 minutes, 16 cores): the
 # synthetic sets are drawn there by WORKERS processes (no cache travels), each network starts
-# from the bundled narrow weights widened to Cellpose's widths (cp3d.core.net.widen), and
-# forked workers build the batches ahead so that the GPU is not kept waiting. MINUTES counts
+# from its bundled weights (cp3d_nuclei has Cellpose's widths already; the narrower cp3d_cyto
+# is widened to them, cp3d.core.net.widen), and forked workers build the batches ahead so that
+# the GPU is not kept waiting. MINUTES counts
 # from the start, data included. REAL_DIR: QCANet's embryos (scripts/make_real_embryos.py);
 # the 8-cell one is trained on (3 times), the 16-cell one stays held out.
 # Writes OUT/gpu_nuclei.pth, OUT/gpu_cyto.pth (fp16, JSON sidecars) and their logs, then
