@@ -18,7 +18,8 @@ import time
 import numpy as np
 
 from cp3d.core.synth import random_nuclei_volume
-from cp3d.core.train import BatchSource, volume_slices
+from cp3d.core.samples import volume_slices
+from cp3d.core.train import BatchSource
 
 
 def rate(source: BatchSource, order: np.ndarray, batch: int) -> float:

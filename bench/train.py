@@ -28,7 +28,8 @@ from cp3d.core.flows import masks_to_flows
 from cp3d.core.models import pick_device
 from cp3d.core.net import CPnet
 from cp3d.core.synth import random_nuclei_volume
-from cp3d.core.train import augment, bf16_supported, make_batch, train_step, volume_slices
+from cp3d.core.samples import volume_slices
+from cp3d.core.train import augment, bf16_supported, make_batch, train_step
 
 
 def baseline_batch(samples, idx, rng, diam_mean, nchan, bsize):

@@ -48,7 +48,8 @@ from cp3d.core.errors import Cancelled
 from cp3d.core.models import load_model, pick_device, save_model
 from cp3d.core.net import CPnet, widen
 from cp3d.core.synth import _loguniform, random_volume
-from cp3d.core.train import train, volume_slices
+from cp3d.core.samples import volume_slices
+from cp3d.core.train import train
 
 TEST_SEEDS = range(2000, 2006)
 CPU_NBASE = [2, 16, 32, 64, 128]  # a quarter of Cellpose's work per pixel
@@ -134,8 +135,10 @@ def _volume_samples(seed, n_per_axis, nchan, kind, min_objects, diameters, dim_f
     return samples, (seed, round(m["diameter"], 1), round(m["anisotropy"], 2), round(m["snr"], 1))
 
 
-# A cached volume is valid while the code that draws and cuts it is unchanged.
-SAMPLE_CODE = ("synth.py", "train.py", "normalize.py", "flows.py")
+# A cached volume is valid while the code that draws and cuts it is unchanged (the training
+# loop, in train.py, is not part of it; pipeline.select_channels, which only picks channels,
+# is left out too, so that editing the pipeline keeps the cache).
+SAMPLE_CODE = ("synth.py", "samples.py", "normalize.py", "flows.py")
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,7 +169,7 @@ def real_samples(pairs, nchan: int, repeat: int = 1) -> tuple[list, list[str]]:
     """Every YX, ZY and ZX plane holding an object of each real (image, masks) tiff pair, Z
     resampled by the anisotropy read from the image's metadata, each plane ``repeat`` times.
     Read and cut as ``cp3d-cli train`` does (its checks on the masks included)."""
-    from cp3d.core.train import pair_samples
+    from cp3d.core.samples import pair_samples
     from cp3d.core.train_cli import read_pairs
 
     samples, names = [], []

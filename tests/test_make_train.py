@@ -251,7 +251,8 @@ def test_crops_labels_fine_tune_raises_validation_ap(tmp_path):
     from cp3d.core.models import load_model, save_model
     from cp3d.core.net import CPnet
     from cp3d.core.pipeline import segment
-    from cp3d.core.train import median_diameter, train_model
+    from cp3d.core.samples import median_diameter
+    from cp3d.core.train import train_model
     from cp3d.core.train_cli import find_training_pairs, read_pairs
 
     a, diameter, crop = 2.0, 14.0, 64

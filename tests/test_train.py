@@ -16,9 +16,9 @@ from cp3d.core.models import load_model, save_model
 from cp3d.core.net import CPnet
 from cp3d.core.pipeline import segment
 from cp3d.core.synth import nuclei_labels, render_nuclei
-from cp3d.core.train import (BatchSource, TrainingPair, augment, learning_rates, make_sample,
-                             median_diameter, split_validation, train, train_model,
-                             volume_slices)
+from cp3d.core.samples import (TrainingPair, make_sample, median_diameter, split_validation,
+                               volume_slices)
+from cp3d.core.train import BatchSource, augment, learning_rates, train, train_model
 from cp3d.core.train_cli import train_main
 
 TINY = [2, 8, 16, 32]

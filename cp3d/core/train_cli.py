@@ -122,11 +122,11 @@ def find_training_pairs(folder: Path, mask_filter: str = "_masks", img_filter: s
 
 
 def read_pairs(pairs, z_axis=None, channel_axis=None, anisotropy=None):
-    """Read each (image, masks) pair into a :class:`~cp3d.core.train.TrainingPair`."""
+    """Read each (image, masks) pair into a :class:`~cp3d.core.samples.TrainingPair`."""
     import numpy as np
 
     from .io import load_seg_npy, read_volume
-    from .train import TrainingPair
+    from .samples import TrainingPair
 
     out = []
     for img_path, mask_path in pairs:
