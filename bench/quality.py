@@ -1,13 +1,15 @@
 """AP of a model through the full 3D pipeline, on volumes it never saw, printed as a table.
 
     python bench/quality.py [--model cp3d_nuclei] [--kind nuclei|cells] [--n_synth 4]
-                            [--real ../shared/data/real] [--augment]
+                            [--real DIR] [--augment]
                             [--sparse] [--diameter_range LO HI] [--synthetic_only]
 
 Rows: fresh synthetic volumes (seeds >= 1000; training uses seeds below 1000) of the chosen
 kind (cells: every other one with a nuclear channel, given as chan2), and for nuclei the bundled
 sample volume and, when `--real` holds them, the real mouse-embryo volumes with their ground
-truth (QCANet/BBBC050, MIT; 8- and 16-cell stage; built by scripts/make_real_embryos.py).
+truth (QCANet/BBBC050, MIT; 8- and 16-cell stage; built by scripts/make_real_embryos.py); for
+cells, the real Arabidopsis membrane volumes (PlantSeg and pytorch-3dunet, MIT; built by
+scripts/make_real_plant_cells.py).
 Each is run twice: with the diameter given ("given": the generator's object diameter, what a
 user measures across an object in XY) and with no diameter, estimated from the image
 ("estimated"). The last rows are the means.
@@ -32,6 +34,9 @@ from cp3d.resources import SAMPLE_DIR
 # median largest XY section (16 and 17 px) and the equal-volume sphere (21 and 19 px).
 REAL_EMBRYOS = {"8cell": 19.0, "16cell": 18.0}
 EMBRYO_ANISOTROPY = 1.75 / 0.8  # voxel 1.75 x 0.8 x 0.8 um
+# Real membrane-stained plant cells and the diameter given: the median over cells of their
+# largest XY section's equivalent-disk diameter, measured on the ground truth.
+REAL_CELLS = {"plant_ovule": 32.0, "plant_patch": 48.0}
 SEGMENT_OPTIONS: dict = {}  # options of every run (--augment)
 
 
@@ -108,6 +113,16 @@ def main() -> None:
             aniso = vol.anisotropy or EMBRYO_ANISOTROPY  # files built before 197d1e4 lack it
             rows.append(run(f"{name} given", vol, gt, model, diameter, aniso))
             rows.append(run(f"{name} estimated", vol, gt, model, None, aniso))
+    if args.kind == "cells" and not args.synthetic_only:
+        for name, diameter in REAL_CELLS.items():
+            img = args.real / f"{name}_img.tif"
+            if not img.exists():
+                continue
+            vol = read_volume(img)
+            gt = read_volume(args.real / f"{name}_gt.tif").data[:, 0]
+            aniso = vol.anisotropy or 1.0
+            rows.append(run(f"real {name} given", vol, gt, model, diameter, aniso))
+            rows.append(run(f"real {name} estimated", vol, gt, model, None, aniso))
     print(f"model: {model.path}")
     print(format_table(rows, THRESHOLDS, mean=False))
 
