@@ -48,8 +48,9 @@ def consecutive(labels: np.ndarray) -> np.ndarray:
 
 def write_pair(out: Path, name: str, raw: np.ndarray, labels: np.ndarray,
                voxel_um: tuple | None) -> None:
-    # ImageJ voxel size where known, so cp3d reads the anisotropy from the file
-    meta = {}
+    # ZYX stated (ImageJ would take an unlabelled stack for channels), with the voxel size
+    # where known, so cp3d reads the anisotropy from the file
+    meta: dict = dict(metadata={"axes": "ZYX"})
     if voxel_um is not None:
         meta = dict(resolution=(1 / voxel_um[2], 1 / voxel_um[1]),
                     metadata={"axes": "ZYX", "spacing": voxel_um[0], "unit": "um"})

@@ -37,3 +37,11 @@ def test_write_pair_stores_the_voxel_size(tmp_path, load_script):
     np.testing.assert_array_equal(vol.data[:, 0], raw)
     assert vol.anisotropy == pytest.approx(0.235 / 0.15, rel=1e-3)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "plant_ovule_gt.tif"), labels)
+
+
+def test_write_pair_without_voxel_size_keeps_planes_as_z(tmp_path, load_script):
+    raw = np.random.default_rng(0).integers(0, 255, (64, 20, 20)).astype(np.uint16)
+    load_script("make_real_plant_cells").write_pair(tmp_path, "plant_patch", raw,
+                                                    np.ones(raw.shape, np.uint16), None)
+    vol = read_volume(tmp_path / "plant_patch_img.tif")
+    assert vol.data.shape == (64, 1, 20, 20) and not vol.is_2d
