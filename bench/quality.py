@@ -8,7 +8,8 @@ Rows: fresh synthetic volumes (seeds >= 1000; training uses seeds below 1000) of
 kind (cells: every other one with a nuclear channel, given as chan2), and for nuclei the bundled
 sample volume and, when `--real` holds them, the real mouse-embryo volumes with their ground
 truth (QCANet/BBBC050, MIT; 8- and 16-cell stage; built by scripts/make_real_embryos.py); for
-cells, the real Arabidopsis membrane volumes (PlantSeg and pytorch-3dunet, MIT; built by
+cells, the real Arabidopsis membrane volumes (PlantSeg and pytorch-3dunet, MIT), and for nuclei
+also GoNuclear's Arabidopsis nuclei (PlantSeg's copy, MIT; these built by
 scripts/make_real_plant_cells.py).
 Each is run twice: with the diameter given ("given": the generator's object diameter, what a
 user measures across an object in XY) and with no diameter, estimated from the image
@@ -30,13 +31,16 @@ from cp3d.core.pipeline import segment
 from cp3d.resources import SAMPLE_DIR
 
 
-# Real volumes (QCANet, 8- and 16-cell stage) and the diameter a user would give: between the
-# median largest XY section (16 and 17 px) and the equal-volume sphere (21 and 19 px).
-REAL_EMBRYOS = {"8cell": 19.0, "16cell": 18.0}
+# Real volumes (files NAME_img.tif and NAME_gt.tif in --real) and the diameter a user would
+# give. Embryos (QCANet, 8- and 16-cell stage): between the median largest XY section (16 and
+# 17 px) and the equal-volume sphere (21 and 19 px). Plant volumes: the median over objects of
+# the largest XY section's equivalent-disk diameter (over the nuclei inside the volume; every
+# plant cell is cut by the volume's border, so over all cells).
+REAL_VOLUMES = {
+    "nuclei": {"mouse_embryo_8cell": 19.0, "mouse_embryo_16cell": 18.0, "plant_nuclei": 29.0},
+    "cells": {"plant_ovule": 32.0, "plant_patch": 48.0},
+}
 EMBRYO_ANISOTROPY = 1.75 / 0.8  # voxel 1.75 x 0.8 x 0.8 um
-# Real membrane-stained plant cells and the diameter given: the median over cells of their
-# largest XY section's equivalent-disk diameter, measured on the ground truth.
-REAL_CELLS = {"plant_ovule": 32.0, "plant_patch": 48.0}
 SEGMENT_OPTIONS: dict = {}  # options of every run (--augment)
 
 
@@ -103,24 +107,15 @@ def main() -> None:
         sample_gt = read_volume(SAMPLE_DIR / "sample_nuclei_masks.tif").data[:, 0]
         rows.append(run("sample given", sample, sample_gt, model, 20.0, None))
         rows.append(run("sample estimated", sample, sample_gt, model, None, None))
-        for stage, diameter in REAL_EMBRYOS.items():
-            img = args.real / f"mouse_embryo_{stage}_img.tif"
-            if not img.exists():
-                continue
-            vol = read_volume(img)
-            gt = read_volume(args.real / f"mouse_embryo_{stage}_gt.tif").data[:, 0]
-            name = f"real embryo {stage}"
-            aniso = vol.anisotropy or EMBRYO_ANISOTROPY  # files built before 197d1e4 lack it
-            rows.append(run(f"{name} given", vol, gt, model, diameter, aniso))
-            rows.append(run(f"{name} estimated", vol, gt, model, None, aniso))
-    if args.kind == "cells" and not args.synthetic_only:
-        for name, diameter in REAL_CELLS.items():
+    if not args.synthetic_only:
+        for name, diameter in REAL_VOLUMES[args.kind].items():
             img = args.real / f"{name}_img.tif"
             if not img.exists():
                 continue
             vol = read_volume(img)
             gt = read_volume(args.real / f"{name}_gt.tif").data[:, 0]
-            aniso = vol.anisotropy or 1.0
+            # embryo files built before 197d1e4 lack the voxel size; the plant patch has none
+            aniso = vol.anisotropy or (EMBRYO_ANISOTROPY if "embryo" in name else 1.0)
             rows.append(run(f"real {name} given", vol, gt, model, diameter, aniso))
             rows.append(run(f"real {name} estimated", vol, gt, model, None, aniso))
     print(f"model: {model.path}")

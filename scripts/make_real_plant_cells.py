@@ -1,6 +1,6 @@
-"""Build the real whole-cell volumes of bench/quality.py (--kind cells) from two HDF5 files.
+"""Build the real plant volumes of bench/quality.py (cells, and one of nuclei) from HDF5 files.
 
-    python scripts/make_real_plant_cells.py SAMPLE_OVULE_H5 SAMPLE_PATCH_H5 OUT_DIR
+    python scripts/make_real_plant_cells.py SAMPLE_OVULE_H5 SAMPLE_PATCH_H5 OUT_DIR [NUCLEI_H5]
 
 Both are confocal stacks of Arabidopsis tissue with a cell-membrane stain and a dense 3D
 instance segmentation, published with the PlantSeg and pytorch-3dunet code (Wolny et al.,
@@ -13,6 +13,10 @@ eLife 2020), both MIT-licensed:
   about 40 px). Its labels have one plane (z = 31) numbered apart from the rest; each region
   there is given the label it overlaps most in the plane above, and label 1 (the dark outside
   corner) becomes background.
+- ``plant_nuclei`` (optional): kreshuklab/plant-seg, ``tests/resources/data/train/1135_mini.h5``
+  (GoNuclear's Arabidopsis ovule nuclei, Vijayan et al., Development 2024; 100 x 100 x 100,
+  voxel 0.284 x 0.127 x 0.127 um, 54 nuclei of about 29 px, very noisy; a few dim nuclei are
+  not labelled). For ``--kind nuclei``.
 
 h5py reads the files (``pip install h5py``; it is not one of cp3d's dependencies). The volumes
 are for training and evaluation here only and never go into cp3d's commits.
@@ -57,13 +61,14 @@ def write_pair(out: Path, name: str, raw: np.ndarray, labels: np.ndarray,
     tifffile.imwrite(out / f"{name}_img.tif", raw, imagej=True, **meta)
     tifffile.imwrite(out / f"{name}_gt.tif", labels.astype(np.uint16), imagej=True,
                      compression="zlib", **meta)
-    print(f"{name}: {raw.shape}, {int(labels.max())} cells -> {out}")
+    print(f"{name}: {raw.shape}, {int(labels.max())} objects -> {out}")
 
 
 def main() -> None:
     import h5py
 
     ovule_h5, patch_h5, out = map(Path, sys.argv[1:4])
+    nuclei_h5 = Path(sys.argv[4]) if len(sys.argv) > 4 else None
     out.mkdir(parents=True, exist_ok=True)
     with h5py.File(ovule_h5, "r") as f:
         voxel = tuple(float(v) for v in f["raw"].attrs["element_size_um"])
@@ -73,6 +78,10 @@ def main() -> None:
     labels = relink_plane(labels, 31)
     labels[labels == 1] = 0
     write_pair(out, "plant_patch", raw, consecutive(labels), None)
+    if nuclei_h5 is not None:
+        with h5py.File(nuclei_h5, "r") as f:
+            voxel = tuple(float(v) for v in f["raw"].attrs["element_size_um"])
+            write_pair(out, "plant_nuclei", f["raw"][:], consecutive(f["label"][:]), voxel)
 
 
 if __name__ == "__main__":
