@@ -58,6 +58,7 @@ class TrainingPair:
     anisotropy: float = 1.0
     source: str = ""
 
+
 def median_diameter(masks: np.ndarray) -> float:
     """Cellpose's object diameter: median of sqrt(area) over objects, as a disk's diameter."""
     counts = np.bincount(np.asarray(masks).ravel().astype(np.int64))[1:]
