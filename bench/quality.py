@@ -1,7 +1,7 @@
 """AP of a model through the full 3D pipeline, on volumes it never saw, printed as a table.
 
     python bench/quality.py [--model cp3d_nuclei] [--kind nuclei|cells] [--n_synth 4]
-                            [--real DIR] [--augment]
+                            [--real DIR] [--augment] [--flow3D_smooth S]
                             [--sparse] [--diameter_range LO HI] [--synthetic_only]
 
 Rows: fresh synthetic volumes (seeds >= 1000; training uses seeds below 1000) of the chosen
@@ -41,7 +41,7 @@ REAL_VOLUMES = {
     "cells": {"plant_ovule": 32.0, "plant_patch": 48.0},
 }
 EMBRYO_ANISOTROPY = 1.75 / 0.8  # voxel 1.75 x 0.8 x 0.8 um
-SEGMENT_OPTIONS: dict = {}  # options of every run (--augment)
+SEGMENT_OPTIONS: dict = {}  # options of every run (--augment, --flow3D_smooth)
 
 
 def run(name, vol, gt, model, diameter, anisotropy, **kw) -> Score:
@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--n_synth", type=int, default=4)
     ap.add_argument("--first_seed", type=int, default=1000)
     ap.add_argument("--augment", action="store_true", help="segment with augment=True")
+    ap.add_argument("--flow3D_smooth", type=float, default=0.0,
+                    help="Gaussian std on the flows before dynamics in every run (default 0)")
     ap.add_argument("--sparse", action="store_true",
                     help="nuclei only: sparse volumes (fill drawn log-uniformly in 0.01-0.15 "
                          "instead of 0.2-0.6, as in embryos and cleared tissue)")
@@ -79,7 +81,7 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="run the network on the GPU")
     args = ap.parse_args()
     model = load_model(args.model, device=pick_device(args.gpu))
-    SEGMENT_OPTIONS["augment"] = args.augment
+    SEGMENT_OPTIONS.update(augment=args.augment, flow3D_smooth=args.flow3D_smooth)
     given, estimated = [], []
     for seed in range(args.first_seed, args.first_seed + args.n_synth):
         overrides = None
