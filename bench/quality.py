@@ -3,6 +3,7 @@
     python bench/quality.py [--model cp3d_nuclei] [--kind nuclei|cells] [--n_synth 4]
                             [--real DIR] [--augment] [--flow3D_smooth S]
                             [--sparse] [--diameter_range LO HI] [--synthetic_only]
+                            [--ignore_small F]
 
 Rows: fresh synthetic volumes (seeds >= 1000; training uses seeds below 1000) of the chosen
 kind (cells: every other one with a nuclear channel, given as chan2), and for nuclei the bundled
@@ -13,7 +14,9 @@ also GoNuclear's Arabidopsis nuclei (PlantSeg's copy, MIT; these built by
 scripts/make_real_plant_cells.py).
 Each is run twice: with the diameter given ("given": the generator's object diameter, what a
 user measures across an object in XY) and with no diameter, estimated from the image
-("estimated"). The last rows are the means.
+("estimated"). The last rows are the means. With `--ignore_small F` a second table scores the
+same masks without the ground-truth objects under F times the median object's volume (the
+slivers of cells cut by a crop's faces) and the masks lying mostly inside them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from cp3d.core.evaluate import THRESHOLDS, Score, format_table, score_masks, synthetic_case
 from cp3d.core.io import read_volume
+from cp3d.core.metrics import ignore_small_truth
 from cp3d.core.models import load_model, pick_device
 from cp3d.core.pipeline import segment
 from cp3d.resources import SAMPLE_DIR
@@ -42,6 +46,7 @@ REAL_VOLUMES = {
 }
 EMBRYO_ANISOTROPY = 1.75 / 0.8  # voxel 1.75 x 0.8 x 0.8 um
 SEGMENT_OPTIONS: dict = {}  # options of every run (--augment, --flow3D_smooth)
+IGNORE_SMALL = {"fraction": 0.0, "rows": []}  # --ignore_small, and the rows it scores
 
 
 def run(name, vol, gt, model, diameter, anisotropy, **kw) -> Score:
@@ -49,8 +54,14 @@ def run(name, vol, gt, model, diameter, anisotropy, **kw) -> Score:
     result = segment(vol, model, diameter=diameter, anisotropy=anisotropy, **SEGMENT_OPTIONS,
                      **kw)
     label = f"{name} d={result.diameter:.0f}"
+    seconds = time.perf_counter() - t
+    if IGNORE_SMALL["fraction"] > 0:
+        g, p = ignore_small_truth(gt, result.masks, IGNORE_SMALL["fraction"])
+        IGNORE_SMALL["rows"].append(Score(label, score_masks(g, p, THRESHOLDS),
+                                          len(np.unique(g)) - 1, len(np.unique(p)) - 1,
+                                          seconds))
     return Score(label, score_masks(gt, result.masks, THRESHOLDS), int(gt.max()),
-                 result.n_masks, time.perf_counter() - t)
+                 result.n_masks, seconds)
 
 
 def mean_row(name: str, scores: list[Score]) -> Score:
@@ -79,7 +90,11 @@ def main() -> None:
     ap.add_argument("--real", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared/data/real")
     ap.add_argument("--gpu", action="store_true", help="run the network on the GPU")
+    ap.add_argument("--ignore_small", type=float, default=0.0, metavar="F",
+                    help="also score without ground-truth objects under F x the median "
+                         "object's volume (cells cut by the crop), e.g. 0.1")
     args = ap.parse_args()
+    IGNORE_SMALL["fraction"] = args.ignore_small
     model = load_model(args.model, device=pick_device(args.gpu))
     SEGMENT_OPTIONS.update(augment=args.augment, flow3D_smooth=args.flow3D_smooth)
     given, estimated = [], []
@@ -122,6 +137,10 @@ def main() -> None:
             rows.append(run(f"real {name} estimated", vol, gt, model, None, aniso))
     print(f"model: {model.path}")
     print(format_table(rows, THRESHOLDS, mean=False))
+    if IGNORE_SMALL["rows"]:
+        print(f"\nwithout ground-truth objects under {args.ignore_small} x the median volume "
+              "and the masks mostly inside them:")
+        print(format_table(IGNORE_SMALL["rows"], THRESHOLDS, mean=False))
 
 
 if __name__ == "__main__":

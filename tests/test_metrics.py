@@ -1,7 +1,7 @@
 import numpy as np
 
 from cp3d.core.evaluate import Score, format_table, synthetic_case
-from cp3d.core.metrics import average_precision, matching_iou
+from cp3d.core.metrics import average_precision, ignore_small_truth, matching_iou
 
 
 def test_iou_and_ap_on_a_hand_built_case():
@@ -53,3 +53,25 @@ def test_synthetic_case_takes_the_object_diameter_and_overrides_asked_for():
     assert meta["diameter"] == 5.0 and meta["fill"] == 0.05 and kw == {}
     assert vol.shape_zyx == gt.shape and gt.max() >= 5
     assert 3.0 < meta["diameter_measured"] < 7.0  # the objects drawn are that size
+
+
+def test_slivers_cut_by_the_crop_are_ignored_with_the_masks_that_cover_them():
+    gt = np.zeros((3, 20, 20), int)
+    gt[:, 0:8, 0:8] = 1  # 192 voxels
+    gt[:, 0:8, 10:18] = 2
+    gt[:, 10:18, 0:8] = 3
+    gt[0, 19, 0:3] = 4  # a 3-voxel sliver of a cell cut by the crop, under 0.1 x the median
+    gt[:, 10:18, 10:12] = 5  # 48 voxels: 0.25 x the median, kept
+    pred = gt.copy()
+    pred[gt == 4] = 7  # a mask on the sliver: ignored with it, not a false positive
+    pred[gt == 5] = 0  # the kept small object missed: still a miss
+    pred[:, 8, 0:8] = 1  # mask 1 a little larger than its cell
+    assert average_precision(gt, pred, (0.5,))[0][0] == 4 / 5
+    g, p = ignore_small_truth(gt, pred, 0.1)
+    assert set(np.unique(g)) == {0, 1, 2, 3, 5} and 7 not in p and (p == 1).sum() == 216
+    assert average_precision(g, p, (0.5,))[0][0] == 3 / 4
+    merged = pred.copy()
+    merged[gt == 4] = 3  # the sliver merged into a whole cell's mask: judged on that cell
+    g, p = ignore_small_truth(gt, merged, 0.1)
+    assert (p == 3).sum() == 195 and average_precision(g, p, (0.5,))[0][0] == 3 / 4
+    assert ignore_small_truth(gt, pred, 0.0)[0] is gt
