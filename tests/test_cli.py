@@ -147,3 +147,32 @@ def test_bundled_cells_model_by_name_segments_membrane_stained_cells(tmp_path, c
     ap = average_precision(gt, masks, thresholds=(0.5, 0.75))[0]
     print(f"cells: {len(np.unique(masks)) - 1} masks for {int(gt.max())} cells, AP {ap}")
     assert ap[0] >= 0.9 and ap[1] >= 0.7
+
+
+def test_eval_scores_a_labelled_crop_and_can_leave_out_the_cells_it_cuts(tmp_path, capsys):
+    """`cp3d-cli eval` on a crop of the bundled sample and its ground truth: the table, and with
+    --ignore_small the nuclei cut by the crop's faces left out (fewer, no worse AP)."""
+    from cp3d.core.io import read_volume
+    from cp3d.resources import SAMPLE_DIR
+
+    vol = read_volume(SAMPLE_DIR / "sample_nuclei.tif")
+    crop = np.s_[:, :64, 40:104]  # cuts 6 of its 41 nuclei to under 0.1 x the median volume
+    gt = tifffile.imread(SAMPLE_DIR / "sample_nuclei_masks.tif")[crop]
+    tifffile.imwrite(tmp_path / "crop.tif", vol.data[:, 0][crop])
+    tifffile.imwrite(tmp_path / "crop_masks.tif", gt)
+    tifffile.imwrite(tmp_path / "unlabelled.tif", vol.data[:, 0, :8, :8])  # no _masks: skipped
+    args = ["eval", "--dir", str(tmp_path), "--pretrained_model", "cp3d_nuclei_fast",
+            "--diameter", "20", "--anisotropy", str(vol.anisotropy or 1.0)]
+    rows = {}
+    for extra in ([], ["--ignore_small", "0.1"]):
+        assert cli.main(args + extra) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].split()[:4] == ["volume", "AP@0.5", "AP@0.75", "AP@0.9"]
+        assert len(lines) == 3 and lines[2].split()[0] == "crop.tif"
+        rows[tuple(extra)] = [float(v) for v in lines[2].split()[1:6]]
+    n_true = len(np.unique(gt)) - 1
+    whole = rows[("--ignore_small", "0.1")]
+    assert rows[()][3] == n_true and rows[()][0] >= 0.85
+    assert whole[3] == n_true - 6 and whole[0] >= rows[()][0]
+    assert cli.main(["eval", "--dir", str(tmp_path / "nothing_here")]) == 1
+    assert "nothing_here" in capsys.readouterr().err

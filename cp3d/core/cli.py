@@ -275,12 +275,17 @@ def _eval_main(argv: Sequence[str]) -> int:
     p.add_argument("--chan", type=int, default=0)
     p.add_argument("--chan2", type=int, default=0)
     p.add_argument("--use_gpu", action="store_true")
+    p.add_argument("--ignore_small", type=float, default=0.0, metavar="F",
+                   help="leave out ground-truth objects under F x the median object's volume, "
+                        "such as cells cut by a crop's faces, and the masks mostly inside them "
+                        "(e.g. 0.1; default 0: score every object)")
     args = p.parse_args(argv)
     _setup_logging(False)
     try:
         pairs = find_pairs(args.dir, args.mask_filter, args.img_filter, args.look_one_level_down)
         model = load_model(args.pretrained_model, device=pick_device(args.use_gpu))
-        scores = evaluate(pairs, model, diameter=args.diameter or None,
+        scores = evaluate(pairs, model, ignore_small=args.ignore_small,
+                          diameter=args.diameter or None,
                           anisotropy=args.anisotropy, flow3D_smooth=args.flow3D_smooth,
                           min_size=args.min_size, cellprob_threshold=args.cellprob_threshold,
                           chan=args.chan, chan2=args.chan2)

@@ -53,9 +53,13 @@ def find_pairs(folder: Path, mask_filter: str = "_masks", img_filter: str = "",
 
 
 def evaluate(pairs: Iterable[tuple[Path, Path]], model, thresholds=THRESHOLDS,
-             **params) -> list[Score]:
-    """Segment each image and score it against its ground truth."""
+             ignore_small: float = 0.0, **params) -> list[Score]:
+    """Segment each image and score it against its ground truth. ``ignore_small`` > 0: without
+    the ground-truth objects under that fraction of the median object's volume, such as cells
+    cut by a crop's faces, and the masks mostly inside them
+    (:func:`cp3d.core.metrics.ignore_small_truth`)."""
     from .io import read_volume
+    from .metrics import ignore_small_truth
     from .pipeline import segment
 
     z_axis = params.pop("z_axis", None)
@@ -68,8 +72,9 @@ def evaluate(pairs: Iterable[tuple[Path, Path]], model, thresholds=THRESHOLDS,
             raise InputError(f"ground truth shape {gt.shape} differs from the image's "
                              f"{vol.shape_zyx}", gt_path)
         result = segment(vol, model, **params)
-        scores.append(Score(img_path.name, score_masks(gt, result.masks, thresholds),
-                            int(len(np.unique(gt)) - 1), result.n_masks,
+        gt, masks = ignore_small_truth(gt, result.masks, ignore_small)
+        scores.append(Score(img_path.name, score_masks(gt, masks, thresholds),
+                            int(len(np.unique(gt)) - 1), int(len(np.unique(masks)) - 1),
                             result.seconds.get("total", 0.0)))
     return scores
 
