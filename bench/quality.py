@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cp3d.core.evaluate import THRESHOLDS, Score, format_table, score_masks, synthetic_case
+from cp3d.core.evaluate import (THRESHOLDS, Score, format_table, score_masks, score_volume,
+                                synthetic_case)
 from cp3d.core.io import read_volume
-from cp3d.core.metrics import ignore_small_truth
 from cp3d.core.models import load_model, pick_device
 from cp3d.core.pipeline import segment
 from cp3d.resources import SAMPLE_DIR
@@ -56,10 +56,8 @@ def run(name, vol, gt, model, diameter, anisotropy, **kw) -> Score:
     label = f"{name} d={result.diameter:.0f}"
     seconds = time.perf_counter() - t
     if IGNORE_SMALL["fraction"] > 0:
-        g, p = ignore_small_truth(gt, result.masks, IGNORE_SMALL["fraction"])
-        IGNORE_SMALL["rows"].append(Score(label, score_masks(g, p, THRESHOLDS),
-                                          len(np.unique(g)) - 1, len(np.unique(p)) - 1,
-                                          seconds))
+        IGNORE_SMALL["rows"].append(score_volume(label, gt, result.masks, seconds, THRESHOLDS,
+                                                 IGNORE_SMALL["fraction"]))
     return Score(label, score_masks(gt, result.masks, THRESHOLDS), int(gt.max()),
                  result.n_masks, seconds)
 

@@ -30,6 +30,18 @@ def score_masks(gt: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = 
     return tuple(float(a) for a in np.atleast_1d(ap))
 
 
+def score_volume(name: str, gt: np.ndarray, masks: np.ndarray, seconds: float,
+                 thresholds: Sequence[float] = THRESHOLDS, ignore_small: float = 0.0) -> Score:
+    """One volume's row: AP and object counts, without the ground-truth objects under
+    ``ignore_small`` x the median volume and the masks mostly inside them when it is > 0
+    (:func:`cp3d.core.metrics.ignore_small_truth`)."""
+    from .metrics import ignore_small_truth
+
+    gt, masks = ignore_small_truth(gt, masks, ignore_small)
+    return Score(name, score_masks(gt, masks, thresholds), int(len(np.unique(gt)) - 1),
+                 int(len(np.unique(masks)) - 1), seconds)
+
+
 def find_pairs(folder: Path, mask_filter: str = "_masks", img_filter: str = "",
                look_one_level_down: bool = False) -> list[tuple[Path, Path]]:
     """(image, ground-truth masks) pairs: NAME.tif with NAME{mask_filter}.tif beside it."""
@@ -54,12 +66,9 @@ def find_pairs(folder: Path, mask_filter: str = "_masks", img_filter: str = "",
 
 def evaluate(pairs: Iterable[tuple[Path, Path]], model, thresholds=THRESHOLDS,
              ignore_small: float = 0.0, **params) -> list[Score]:
-    """Segment each image and score it against its ground truth. ``ignore_small`` > 0: without
-    the ground-truth objects under that fraction of the median object's volume, such as cells
-    cut by a crop's faces, and the masks mostly inside them
-    (:func:`cp3d.core.metrics.ignore_small_truth`)."""
+    """Segment each image and score it against its ground truth (:func:`score_volume`;
+    ``ignore_small`` > 0 leaves out objects such as cells cut by a crop's faces)."""
     from .io import read_volume
-    from .metrics import ignore_small_truth
     from .pipeline import segment
 
     z_axis = params.pop("z_axis", None)
@@ -72,10 +81,8 @@ def evaluate(pairs: Iterable[tuple[Path, Path]], model, thresholds=THRESHOLDS,
             raise InputError(f"ground truth shape {gt.shape} differs from the image's "
                              f"{vol.shape_zyx}", gt_path)
         result = segment(vol, model, **params)
-        gt, masks = ignore_small_truth(gt, result.masks, ignore_small)
-        scores.append(Score(img_path.name, score_masks(gt, masks, thresholds),
-                            int(len(np.unique(gt)) - 1), int(len(np.unique(masks)) - 1),
-                            result.seconds.get("total", 0.0)))
+        scores.append(score_volume(img_path.name, gt, result.masks,
+                                   result.seconds.get("total", 0.0), thresholds, ignore_small))
     return scores
 
 
