@@ -16,7 +16,9 @@ eLife 2020), both MIT-licensed:
 - ``plant_nuclei`` (optional): kreshuklab/plant-seg, ``tests/resources/data/train/1135_mini.h5``
   (GoNuclear's Arabidopsis ovule nuclei, Vijayan et al., Development 2024; 100 x 100 x 100,
   voxel 0.284 x 0.127 x 0.127 um, 54 nuclei of about 29 px, very noisy; a few dim nuclei are
-  not labelled). For ``--kind nuclei``.
+  not labelled). For ``--kind nuclei``. It is also cut in two at x = 50: ``plant_nuclei_train``
+  (x < 50, 21 nuclei or parts of them) to train on, and ``plant_nuclei_heldout`` (x >= 50, 42)
+  to evaluate on.
 
 h5py reads the files (``pip install h5py``; it is not one of cp3d's dependencies). The volumes
 are for training and evaluation here only and never go into cp3d's commits.
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+
+NUCLEI_SPLIT_X = 50  # plant_nuclei is cut here into a half to train on and a half held out
 
 
 def relink_plane(labels: np.ndarray, z: int) -> np.ndarray:
@@ -48,6 +52,14 @@ def consecutive(labels: np.ndarray) -> np.ndarray:
     lut = np.zeros(int(labels.max()) + 1, np.uint16)
     lut[ids] = np.arange(1, len(ids) + 1)
     return lut[labels]
+
+
+def split_x(raw: np.ndarray, labels: np.ndarray, x: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, labels) left of ``x`` and from ``x`` on, each half's labels renumbered 1..n: a part
+    to train on and a part held out, with no voxel in both (an object cut by ``x`` is in both as
+    two pieces, one in each)."""
+    halves = (np.s_[..., :x], np.s_[..., x:])
+    return [(np.ascontiguousarray(raw[h]), consecutive(labels[h])) for h in halves]
 
 
 def write_pair(out: Path, name: str, raw: np.ndarray, labels: np.ndarray,
@@ -81,7 +93,11 @@ def main() -> None:
     if nuclei_h5 is not None:
         with h5py.File(nuclei_h5, "r") as f:
             voxel = tuple(float(v) for v in f["raw"].attrs["element_size_um"])
-            write_pair(out, "plant_nuclei", f["raw"][:], consecutive(f["label"][:]), voxel)
+            raw, labels = f["raw"][:], f["label"][:]
+        write_pair(out, "plant_nuclei", raw, consecutive(labels), voxel)
+        for name, (raw_half, labels_half) in zip(("plant_nuclei_train", "plant_nuclei_heldout"),
+                                                  split_x(raw, labels, NUCLEI_SPLIT_X)):
+            write_pair(out, name, raw_half, labels_half, voxel)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""scripts/make_real_plant_cells.py: repairing the plant patch's misnumbered plane, and the
-files it writes (read back with their voxel size)."""
+"""scripts/make_real_plant_cells.py: repairing the plant patch's misnumbered plane, splitting the
+nuclei volume into a part to train on and a part held out, and the files it writes (read back
+with their voxel size)."""
 
 import numpy as np
 import pytest
@@ -45,3 +46,14 @@ def test_write_pair_without_voxel_size_keeps_planes_as_z(tmp_path, load_script):
                                                     np.ones(raw.shape, np.uint16), None)
     vol = read_volume(tmp_path / "plant_patch_img.tif")
     assert vol.data.shape == (64, 1, 20, 20) and not vol.is_2d
+
+
+def test_split_x_shares_no_voxel_and_renumbers_each_half(load_script):
+    raw = np.arange(2 * 4 * 10).reshape(2, 4, 10)
+    labels = np.zeros((2, 4, 10), np.int64)
+    labels[:, :2, 1:3], labels[:, 2:, 3:8], labels[:, :2, 7:9] = 40, 12, 977  # 12 is cut at 5
+    (raw_a, lab_a), (raw_b, lab_b) = load_script("make_real_plant_cells").split_x(raw, labels, 5)
+    np.testing.assert_array_equal(np.concatenate([raw_a, raw_b], axis=-1), raw)
+    assert lab_a.shape == (2, 4, 5) and lab_b.shape == (2, 4, 5)
+    assert sorted(np.unique(lab_a)) == [0, 1, 2] and sorted(np.unique(lab_b)) == [0, 1, 2]
+    np.testing.assert_array_equal(np.concatenate([lab_a, lab_b], axis=-1) > 0, labels > 0)
