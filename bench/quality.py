@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cp3d.core.evaluate import (THRESHOLDS, Score, format_table, score_masks, score_volume,
+from cp3d.core.evaluate import (THRESHOLDS, Score, format_table, score_volume,
                                 synthetic_case)
 from cp3d.core.io import read_volume
 from cp3d.core.models import load_model, pick_device
@@ -60,8 +60,7 @@ def run(name, vol, gt, model, diameter, anisotropy, **kw) -> Score:
     if IGNORE_SMALL["fraction"] > 0:
         IGNORE_SMALL["rows"].append(score_volume(label, gt, result.masks, seconds, THRESHOLDS,
                                                  IGNORE_SMALL["fraction"]))
-    return Score(label, score_masks(gt, result.masks, THRESHOLDS), len(np.unique(gt)) - 1,
-                 result.n_masks, seconds)
+    return score_volume(label, gt, result.masks, seconds, THRESHOLDS)
 
 
 def mean_row(name: str, scores: list[Score]) -> Score:
