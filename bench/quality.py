@@ -27,8 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cp3d.core.evaluate import (THRESHOLDS, Score, format_table, score_volume,
-                                synthetic_case)
+from cp3d.core.evaluate import THRESHOLDS, Score, format_table, score_volume, synthetic_case
 from cp3d.core.io import read_volume
 from cp3d.core.models import load_model, pick_device
 from cp3d.core.pipeline import segment

@@ -56,8 +56,8 @@ def consecutive(labels: np.ndarray) -> np.ndarray:
 
 def split_x(raw: np.ndarray, labels: np.ndarray, x: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image, labels) left of ``x`` and from ``x`` on, each half's labels renumbered 1..n: a part
-    to train on and a part held out, with no voxel in both (an object cut by ``x`` is in both as
-    two pieces, one in each)."""
+    to train on and a part held out that share no voxel (an object cut by ``x`` leaves a piece
+    in each)."""
     halves = (np.s_[..., :x], np.s_[..., x:])
     return [(np.ascontiguousarray(raw[h]), consecutive(labels[h])) for h in halves]
 
