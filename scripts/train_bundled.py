@@ -12,7 +12,8 @@ rendering's dim fraction is changed), ``--n_sparse`` volumes of sparse nuclei (s
 voxel size), ``--real_repeat`` times, so that a few real volumes weigh against many synthetic ones.
 Held-out loss: seeds 2000-2005;
 validation for scripts/calibrate_cellprob.py: seeds 900..
-Evaluation (bench/quality.py) uses seeds >= 1000, never trained on.
+Evaluation (bench/quality.py) uses seeds >= 1000, never trained on: a set reaching 900 is
+refused (:func:`check_seed_ranges`), and sets sharing seeds are named at the start.
 
 Without a GPU the recipe is sized to the time budget: a smaller network (nbase 2-16-32-64-128,
 Cellpose's is 2-32-64-128-256, about 4x the work per pixel) on 160-px crops, bfloat16 autocast
@@ -71,6 +72,27 @@ UNEVEN_RANGES = dict(fill=(0.02, 0.12), brightness_spread=(0.5, 0.9), dim_fracti
                      texture=(0.6, 1.2), snr=(3.0, 20.0), z_blur=(2.5, 4.0))
 UNEVEN_DIAMETERS = (14.0, 30.0)
 UNEVEN_ANISOTROPIES = (1.5, 3.0)
+VALIDATION_SEEDS_FROM = 900  # scripts/calibrate_cellprob.py: 900..999; evaluation: 1000..
+
+
+def check_seed_ranges(sets: dict[str, range]) -> list[str]:
+    """Refuse a training set that reaches the validation, evaluation or held-out seeds (a
+    model scored on volumes it trained on would look better than it is); describe each pair of
+    sets whose seeds overlap (allowed: a set drawn with other parameters gives other volumes,
+    but alike ones: both draw from the same random stream)."""
+    for name, seeds in sets.items():
+        if seeds and max(seeds) >= VALIDATION_SEEDS_FROM:
+            raise ValueError(f"the {name} set's seeds {seeds.start}-{seeds.stop - 1} reach the "
+                             f"validation and evaluation seeds ({VALIDATION_SEEDS_FROM} up): "
+                             "train on fewer volumes")
+    overlaps = []
+    named = [(name, seeds) for name, seeds in sets.items() if seeds]
+    for i, (a, sa) in enumerate(named):
+        for b, sb in named[i + 1:]:
+            lo, hi = max(sa.start, sb.start), min(sa.stop, sb.stop)
+            if lo < hi:
+                overlaps.append(f"the {a} and {b} sets share seeds {lo}-{hi - 1}")
+    return overlaps
 
 
 def build_samples(seeds, n_per_axis, nchan, kind="nuclei", min_objects=3, diameters=None,
@@ -256,6 +278,18 @@ def main() -> None:
         if what:
             data += f" + {n} {what} ({detail}seeds {first_seed}-{first_seed + n - 1})"
 
+    seed_sets = {"main": range(args.n_volumes),
+                 "small": range(SMALL_SEEDS_FROM, SMALL_SEEDS_FROM + args.n_small),
+                 "dim": range(DIM_SEEDS_FROM, DIM_SEEDS_FROM + args.n_dim),
+                 "sparse": range(SPARSE_SEEDS_FROM, SPARSE_SEEDS_FROM + args.n_sparse),
+                 "embryo-like": range(UNEVEN_SEEDS_FROM, UNEVEN_SEEDS_FROM + args.n_uneven),
+                 "tiny": range(TINY_SEEDS_FROM, TINY_SEEDS_FROM + args.n_tiny)}
+    try:
+        overlaps = check_seed_ranges(seed_sets)
+    except ValueError as err:
+        ap.error(str(err))
+    for overlap in overlaps:
+        print(f"note: {overlap}", flush=True)
     samples, vols = [], []
     data = f"synthetic {args.kind} volumes (cp3d.core.synth.random_volume), seeds " \
            f"0-{args.n_volumes - 1}"

@@ -116,3 +116,28 @@ def test_volumes_drawn_by_worker_processes_are_those_drawn_here(tmp_path, monkey
         np.testing.assert_array_equal(a.image, b.image)
         np.testing.assert_array_equal(a.flows, b.flows)
     assert len(list(tmp_path.glob("*.pkl"))) == 3
+
+
+def test_seed_ranges_refuse_evaluation_seeds_and_name_overlapping_sets(load_script):
+    tb = load_script("train_bundled")
+    fifth = {"main": range(96), "small": range(500, 596), "embryo-like": range(600, 664)}
+    assert tb.check_seed_ranges(fifth) == []
+    more_small = dict(fifth, small=range(500, 644))  # 144 small volumes run into 600..
+    assert tb.check_seed_ranges(more_small) == ["the small and embryo-like sets share seeds "
+                                                "600-643"]
+    with pytest.raises(ValueError, match="sparse set's seeds 800-949 reach the validation"):
+        tb.check_seed_ranges(dict(fifth, sparse=range(800, 950)))
+
+
+def test_training_refuses_a_set_reaching_evaluation_seeds_before_drawing_any(load_script,
+                                                                               tmp_path):
+    tb = load_script("train_bundled")
+    import subprocess
+    import sys
+
+    script = tb.__file__
+    run = subprocess.run([sys.executable, script, "--n_sparse", "250", "--work", str(tmp_path),
+                          "--out", str(tmp_path / "m.pth"), "--minutes", "0.01"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "sparse set's seeds 800-1049" in run.stderr
+    assert not (tmp_path / "m.pth").exists()
