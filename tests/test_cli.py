@@ -176,3 +176,34 @@ def test_eval_scores_a_labelled_crop_and_can_leave_out_the_cells_it_cuts(tmp_pat
     assert whole[3] == n_true - 6 and whole[0] >= rows[()][0]
     assert cli.main(["eval", "--dir", str(tmp_path / "nothing_here")]) == 1
     assert "nothing_here" in capsys.readouterr().err
+
+
+def test_a_single_plane_is_segmented_in_2d_unless_3d_is_asked_for(tmp_path, tiny_model, capsys,
+                                                                  caplog):
+    """A folder may mix 2D images and stacks: by default a plane is segmented in 2D (and the log
+    says so); with --do_3D it is refused, by name, and the batch goes on. A plane whose ImageJ
+    metadata gives it 64 channels gets a hint that they may be Z planes."""
+    _stack(tmp_path / "stack.tif")
+    _stack(tmp_path / "plane.tif", seed=1, shape=(40, 40))
+    tifffile.imwrite(tmp_path / "channels.tif",
+                     np.random.default_rng(2).integers(0, 1000, (64, 40, 40)).astype(np.uint16),
+                     imagej=True, metadata={"axes": "CYX"})
+    common = ["--dir", str(tmp_path), "--pretrained_model", str(tiny_model), "--diameter", "30"]
+
+    with caplog.at_level("WARNING", logger="cp3d"):
+        assert cli.main(common) == 0
+    assert "plane.tif: a single plane: segmenting it in 2D" in caplog.text
+    assert "channels.tif: a single plane: segmenting it in 2D; its 64 channels may be Z" \
+        in caplog.text
+    assert tifffile.imread(tmp_path / "plane_cp_masks.tif").shape == (40, 40)
+    assert "segmented 3 of 3" in capsys.readouterr().err
+
+    for f in tmp_path.glob("*_cp_masks.tif"):
+        f.unlink()
+    assert cli.main(common + ["--do_3D"]) == 1
+    err = capsys.readouterr().err
+    assert "segmented 1 of 3" in err and (tmp_path / "stack_cp_masks.tif").exists()
+    assert f"{tmp_path / 'plane.tif'}: 2D image (a single plane) given to 3D" in err
+    assert "channels.tif: 2D image (a single plane) given to 3D segmentation; segment it in " \
+           "2D (do_3D=False; in cp3d-cli, leave out --do_3D); its 64 channels may be Z" in err
+    assert not (tmp_path / "plane_cp_masks.tif").exists()

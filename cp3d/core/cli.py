@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the bundled model")
     g.add_argument("--do_3D", action="store_true",
                    help="2.5D segmentation: predict on YX, ZY and ZX planes, dynamics in 3D "
-                        "(the default, unless --stitch_threshold is given)")
+                        "(the default, unless --stitch_threshold is given; without this flag a "
+                        "single-plane image is segmented in 2D, with it refused)")
     g.add_argument("--stitch_threshold", type=float, default=0.0,
                    help="> 0: segment each XY plane in 2D and link planes whose masks overlap "
                         "with IoU >= this")
@@ -157,7 +158,7 @@ def _segment_main(args) -> int:
     from .io import check_writable, list_images, read_volume, save_results
     from .models import load_model, pick_device
     from . import blockwise
-    from .pipeline import segment
+    from .pipeline import many_channels_hint, segment
 
     if args.image_path is not None:
         files = [args.image_path]
@@ -216,8 +217,10 @@ def _segment_main(args) -> int:
                 continue
             vol = read_volume(path, z_axis=args.z_axis, channel_axis=args.channel_axis)
             run = dict(params)
-            if vol.is_2d:
+            if vol.is_2d and not args.do_3D:  # asked for 3D, a 2D image is refused by segment
                 run["do_3D"] = False
+                log.warning("%s: a single plane: segmenting it in 2D%s", path.name,
+                            many_channels_hint(vol))
             try:
                 result = segment(vol, model, progress=progress, **run)
             except TooLargeError:

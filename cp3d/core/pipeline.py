@@ -81,6 +81,18 @@ def _load(model, use_gpu: bool):
     return load_model(model, device=pick_device(use_gpu))
 
 
+def many_channels_hint(vol: Volume) -> str:
+    """For a single plane with more channels than a stain has: a hint that they may be Z planes
+    (a stack saved as channels, as ImageJ does when asked), else ''."""
+    from .io import MAX_CHANNELS
+
+    n = vol.data.shape[1]
+    if not vol.is_2d or n <= MAX_CHANNELS:
+        return ""
+    return (f"; its {n} channels may be Z planes: if so, give the channel axis as z_axis "
+            "(--z_axis)")
+
+
 def segment(
     volume: Union[Volume, np.ndarray],
     model=None,
@@ -126,8 +138,9 @@ def segment(
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     if do_3D and vol.is_2d:
-        raise InputError(
-            "2D image (a single plane) given to 3D segmentation; use do_3D=False", path)
+        raise InputError("2D image (a single plane) given to 3D segmentation; segment it in 2D "
+                         "(do_3D=False; in cp3d-cli, leave out --do_3D)" + many_channels_hint(vol),
+                         path)
     if diameter is not None and diameter < 0:
         raise InputError(f"diameter must be positive, got {diameter}", path)
     if anisotropy is None:
