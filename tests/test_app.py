@@ -295,6 +295,22 @@ def test_2d_image_opens_in_2d(qtbot, tmp_path):
     assert backend.calls[0]["do_3D"] is False
     assert (tmp_path / "flat_cp_masks.tif").exists()
     assert tifffile.imread(tmp_path / "flat_cp_masks.tif").shape == (48, 48)
+    assert "may be Z planes" not in w.statusBar().currentMessage()
+
+
+def test_plane_of_many_channels_opens_in_2d_with_a_hint_about_z(qtbot, tmp_path, caplog):
+    """ImageJ metadata saying 64 channels: shown as one plane, with a hint that they may be Z."""
+    stack = np.random.default_rng(0).integers(0, 1000, (64, 32, 32)).astype(np.uint16)
+    path = tmp_path / "channels.tif"
+    tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "CYX"})
+    backend = FakeBackend()
+    w = make_window(qtbot, tmp_path, backend)
+    with caplog.at_level("WARNING"):
+        w.open_paths([path])
+        wait_done(qtbot, w)
+    assert w.state.is_2d and w.state.n_channels == 64
+    assert "channels.tif: a single plane, segmented in 2D; its 64 channels may be Z planes" \
+        in caplog.text
 
 
 def test_click_select_delete_undo_redo_merge(qtbot, tmp_path):

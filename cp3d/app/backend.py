@@ -24,6 +24,12 @@ class Backend:
 
         return read_volume(path, z_axis=z_axis, channel_axis=channel_axis)
 
+    def axes_hint(self, volume) -> str:
+        """'; its N channels may be Z planes...' for a plane with many channels, else ''."""
+        from cp3d.core.pipeline import many_channels_hint
+
+        return many_channels_hint(volume)
+
     def ambiguous_axes_error(self) -> type[BaseException]:
         """The exception class read_volume raises when it needs the user to name the axes."""
         try:

@@ -562,6 +562,11 @@ class MainWindow(QMainWindow):
         log.info("opened %s: Z=%d C=%d Y=%d X=%d %s, voxel (z, y, x) %s (%.2f s)%s", path, z, c,
                  y, x, volume.data.dtype, vs_txt, seconds,
                  " lazily (blockwise)" if is_lazy(volume) else "")
+        hint = "" if is_lazy(volume) else self.backend.axes_hint(volume)
+        if hint:  # a stack saved as channels: say so before the user waits for 2D masks
+            msg = f"{path.name}: a single plane, segmented in 2D{hint}"
+            log.warning(msg)
+            self.statusBar().showMessage(msg, 20000)
         self._add_recent(path)
         self.settings.setValue("last_dir", str(path.parent))
         if self.seg_panel.autorun.isChecked() and masks is None:
