@@ -9,8 +9,11 @@
 # from its bundled weights (cp3d_nuclei has Cellpose's widths already; the narrower cp3d_cyto
 # is widened to them, cp3d.core.net.widen), and forked workers build the batches ahead so that
 # the GPU is not kept waiting. MINUTES counts
-# from the start, data included. REAL_DIR: QCANet's embryos (scripts/make_real_embryos.py);
-# the 8-cell one is trained on (3 times), the 16-cell one stays held out.
+# from the start, data included. REAL_DIR: a folder of the real volumes that the scripts build,
+# each used if present: QCANet's 8-cell embryo (scripts/make_real_embryos.py; 3 times) and
+# the training half of PlantSeg's nuclei (scripts/make_real_plant_cells.py, plant_nuclei_train;
+# once) for nuclei, the pytorch-3dunet patch (plant_patch; twice, as the bundled cyto's last
+# stage) for cyto; the 16-cell embryo, plant_nuclei_heldout and plant_ovule stay held out.
 # Writes OUT/gpu_nuclei.pth, OUT/gpu_cyto.pth (fp16, JSON sidecars) and their logs, then
 # evaluates both there (bench/quality.py on the GPU, EVAL_MINUTES at most; EVAL=0 skips it)
 # into OUT/eval_nuclei.log and OUT/eval_cyto.log. GPU=0 runs the same on the CPU (a smoke
@@ -43,13 +46,19 @@ nuclei=(--kind nuclei --init cp3d/resources/models/cp3d_nuclei.pth --out "$OUT/g
         --work /tmp/cp3d_gpu_nuclei --cache /tmp/cp3d_gpu_cache
         --n_volumes "$(n 96)" --n_small "$(n 96)" --n_dim "$(n 48)" --n_sparse "$(n 96)"
         --n_uneven "$(n 64)")
-if [ -n "$REAL_DIR" ]; then
-    nuclei+=(--real "$REAL_DIR/mouse_embryo_8cell_img.tif" "$REAL_DIR/mouse_embryo_8cell_gt.tif"
-             --real_repeat 3)
-fi
 cyto=(--kind cells --init cp3d/resources/models/cp3d_cyto.pth --out "$OUT/gpu_cyto.pth"
       --work /tmp/cp3d_gpu_cyto --cache /tmp/cp3d_gpu_cache
       --n_volumes "$(n 96)" --n_small "$(n 96)" --small_range 12 24)
+# real_args NAME N: --real IMAGE MASKS, N times (the training planes' repeat), if REAL_DIR has it
+real_args() {
+    local img="$REAL_DIR/${1}_img.tif" gt="$REAL_DIR/${1}_gt.tif" i
+    [ -n "$REAL_DIR" ] && [ -f "$img" ] && [ -f "$gt" ] || return 0
+    for ((i = 0; i < $2; i++)); do printf '%s\n' --real "$img" "$gt"; done
+}
+mapfile -t got < <(real_args mouse_embryo_8cell 3; real_args plant_nuclei_train 1)
+nuclei+=("${got[@]}")
+mapfile -t got < <(real_args plant_patch 2)
+cyto+=("${got[@]}")
 
 (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv) \
     > "$OUT/gpu.txt" 2>&1
@@ -79,6 +88,6 @@ export NUMBA_NUM_THREADS=$half  # the 3D dynamics of two evaluations side by sid
 timeout "$limit" "$PYTHON" bench/quality.py $gpu --kind nuclei --n_synth "${EVAL_SYNTH:-6}" \
     --model "$OUT/gpu_nuclei.pth" "${real[@]}" > "$OUT/eval_nuclei.log" 2>&1 &
 timeout "$limit" "$PYTHON" bench/quality.py $gpu --kind cells --n_synth "${EVAL_SYNTH:-4}" \
-    --model "$OUT/gpu_cyto.pth" > "$OUT/eval_cyto.log" 2>&1 &
+    --model "$OUT/gpu_cyto.pth" "${real[@]}" > "$OUT/eval_cyto.log" 2>&1 &
 wait
 for kind in nuclei cyto; do echo "== eval $kind"; tail -n 22 "$OUT/eval_$kind.log"; done

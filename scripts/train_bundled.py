@@ -190,15 +190,25 @@ def _cached(cache, key: tuple, build):
 def real_samples(pairs, nchan: int, repeat: int = 1) -> tuple[list, list[str]]:
     """Every YX, ZY and ZX plane holding an object of each real (image, masks) tiff pair, Z
     resampled by the anisotropy read from the image's metadata, each plane ``repeat`` times.
-    Read and cut as ``cp3d-cli train`` does (its checks on the masks included)."""
+    Read and cut as ``cp3d-cli train`` does (its checks on the masks included). A pair given
+    k times is read once and repeated k x ``repeat`` times: so one volume can weigh more than
+    another (``--real A --real A --real B``)."""
     from cp3d.core.samples import pair_samples
     from cp3d.core.train_cli import read_pairs
 
+    counts: dict[tuple[Path, Path], int] = {}
+    for image, masks in pairs:
+        key = (Path(image), Path(masks))
+        counts[key] = counts.get(key, 0) + 1
     samples, names = [], []
-    for pair in read_pairs([(Path(image), Path(masks)) for image, masks in pairs]):
+    for key, times in counts.items():
+        pair_list = read_pairs([key])  # empty when the masks hold no object
+        if not pair_list:
+            continue
+        pair = pair_list[0]
         got = pair_samples([pair], nchan, n_per_axis=None, min_train_masks=1)
-        samples += got * repeat
-        names.append(f"{Path(pair.source).name} ({len(got)} planes x {repeat})")
+        samples += got * (repeat * times)
+        names.append(f"{Path(pair.source).name} ({len(got)} planes x {repeat * times})")
     return samples, names
 
 
@@ -232,7 +242,8 @@ def main() -> None:
                     help="extra volumes (seeds 400..) of tiny (TINY_DIAMETERS), sparse nuclei, "
                          "as in cleared tissue")
     ap.add_argument("--real", nargs=2, action="append", default=[], metavar=("IMAGE", "MASKS"),
-                    help="a real annotated volume (tiffs) to train on as well; repeatable")
+                    help="a real annotated volume (tiffs) to train on as well; repeatable, and a "
+                         "volume given k times weighs k times")
     ap.add_argument("--real_repeat", type=int, default=1,
                     help="how many times each real plane is in the training set")
     ap.add_argument("--fill_range", type=float, nargs=2, default=[0.01, 0.15])

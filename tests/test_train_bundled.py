@@ -76,6 +76,9 @@ def test_real_volume_gives_every_plane_with_z_resampled_from_its_voxel_size(load
     assert zy.masks.shape == (12, 24)  # Z resampled from 6 to 12 planes
     twice, _ = tb.real_samples([pair], 2, repeat=2)
     assert len(twice) == 2 * len(once) and "38 planes x 1" in names[0]
+    # a pair given twice weighs twice, described once: "--real A --real A" at repeat 2
+    four, names = tb.real_samples([pair, pair], 2, repeat=2)
+    assert len(four) == 4 * len(once) and names == ["vol.tif (38 planes x 4)"]
 
 
 def test_cached_volume_loads_the_same_planes_without_building_them_again(load_script, tmp_path,
