@@ -14,6 +14,8 @@
 # the training half of PlantSeg's nuclei (scripts/make_real_plant_cells.py, plant_nuclei_train;
 # once) for nuclei, the pytorch-3dunet patch (plant_patch; twice, as the bundled cyto's last
 # stage) for cyto; the 16-cell embryo, plant_nuclei_heldout and plant_ovule stay held out.
+# The GPU machine gets only the checkout: put REAL_DIR in an ignored folder inside it
+# (build/real, about 13 MB with all six) and carry it along.
 # Writes OUT/gpu_nuclei.pth, OUT/gpu_cyto.pth (fp16, JSON sidecars) and their logs, then
 # evaluates both there (bench/quality.py on the GPU, EVAL_MINUTES at most; EVAL=0 skips it)
 # into OUT/eval_nuclei.log and OUT/eval_cyto.log. GPU=0 runs the same on the CPU (a smoke
