@@ -202,13 +202,10 @@ def real_samples(pairs, nchan: int, repeat: int = 1) -> tuple[list, list[str]]:
         counts[key] = counts.get(key, 0) + 1
     samples, names = [], []
     for key, times in counts.items():
-        pair_list = read_pairs([key])  # empty when the masks hold no object
-        if not pair_list:
-            continue
-        pair = pair_list[0]
-        got = pair_samples([pair], nchan, n_per_axis=None, min_train_masks=1)
-        samples += got * (repeat * times)
-        names.append(f"{Path(pair.source).name} ({len(got)} planes x {repeat * times})")
+        for pair in read_pairs([key]):  # none when the masks hold no object
+            got = pair_samples([pair], nchan, n_per_axis=None, min_train_masks=1)
+            samples += got * (repeat * times)
+            names.append(f"{Path(pair.source).name} ({len(got)} planes x {repeat * times})")
     return samples, names
 
 
@@ -274,20 +271,19 @@ def main() -> None:
     t0 = time.time()
     nchan = (args.nbase or CPU_NBASE)[0]
 
-    def add_set(n: int, first_seed: int, what: str, detail: str = "", **options) -> None:
-        """Append the planes of ``n`` volumes from ``first_seed`` drawn with ``options``, and
-        describe them in the sidecar's data as "+ n what (detail, seeds a-b)" (the main set,
-        ``what`` empty, is described apart)."""
+    def add_set(seeds: range, what: str, detail: str = "", **options) -> None:
+        """Append the planes of the volumes of ``seeds`` drawn with ``options``, and describe
+        them in the sidecar's data as "+ n what (detail, seeds a-b)" (the main set, ``what``
+        empty, is described apart)."""
         nonlocal data
-        if not n:
+        if not seeds:
             return
-        got, got_vols = build_samples(range(first_seed, first_seed + n), args.n_per_axis, nchan,
-                                      args.kind, cache=args.cache, workers=args.workers,
-                                      **options)
+        got, got_vols = build_samples(seeds, args.n_per_axis, nchan, args.kind, cache=args.cache,
+                                      workers=args.workers, **options)
         samples.extend(got)
         vols.extend(got_vols)
         if what:
-            data += f" + {n} {what} ({detail}seeds {first_seed}-{first_seed + n - 1})"
+            data += f" + {len(seeds)} {what} ({detail}seeds {seeds.start}-{seeds.stop - 1})"
 
     seed_sets = {"main": range(args.n_volumes),
                  "small": range(SMALL_SEEDS_FROM, SMALL_SEEDS_FROM + args.n_small),
@@ -304,17 +300,17 @@ def main() -> None:
     samples, vols = [], []
     data = f"synthetic {args.kind} volumes (cp3d.core.synth.random_volume), seeds " \
            f"0-{args.n_volumes - 1}"
-    add_set(args.n_volumes, 0, "")
+    add_set(seed_sets["main"], "")
     small = "{:g}-{:g} px, ".format(*args.small_range)
-    add_set(args.n_small, SMALL_SEEDS_FROM, "small", small, diameters=args.small_range)
-    add_set(args.n_dim, DIM_SEEDS_FROM, "small with {:g}-{:g} of them dim".format(*args.dim_range),
+    add_set(seed_sets["small"], "small", small, diameters=args.small_range)
+    add_set(seed_sets["dim"], "small with {:g}-{:g} of them dim".format(*args.dim_range),
             diameters=args.small_range, dim_fractions=args.dim_range)
-    add_set(args.n_sparse, SPARSE_SEEDS_FROM, "sparse", "fill {:g}-{:g}, ".format(*args.fill_range),
+    add_set(seed_sets["sparse"], "sparse", "fill {:g}-{:g}, ".format(*args.fill_range),
             min_objects=1, fills=args.fill_range)
-    add_set(args.n_uneven, UNEVEN_SEEDS_FROM, "embryo-like", "sparse, large, unevenly bright; ",
+    add_set(seed_sets["embryo-like"], "embryo-like", "sparse, large, unevenly bright; ",
             min_objects=1, diameters=UNEVEN_DIAMETERS, anisotropies=UNEVEN_ANISOTROPIES,
             ranges=UNEVEN_RANGES)
-    add_set(args.n_tiny, TINY_SEEDS_FROM, "tiny sparse", "{:g}-{:g} px, ".format(*TINY_DIAMETERS),
+    add_set(seed_sets["tiny"], "tiny sparse", "{:g}-{:g} px, ".format(*TINY_DIAMETERS),
             min_objects=1, diameters=TINY_DIAMETERS, ranges=TINY_RANGES)
     if args.real:
         real, names = real_samples(args.real, nchan, args.real_repeat)

@@ -1,6 +1,8 @@
 """scripts/train_bundled.py: the extra training sets draw their generator parameters as stated."""
 
 import importlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -135,11 +137,7 @@ def test_seed_ranges_refuse_evaluation_seeds_and_name_overlapping_sets(load_scri
 def test_training_refuses_a_set_reaching_evaluation_seeds_before_drawing_any(load_script,
                                                                                tmp_path):
     tb = load_script("train_bundled")
-    import subprocess
-    import sys
-
-    script = tb.__file__
-    run = subprocess.run([sys.executable, script, "--n_sparse", "250", "--work", str(tmp_path),
+    run = subprocess.run([sys.executable, tb.__file__, "--n_sparse", "250", "--work", str(tmp_path),
                           "--out", str(tmp_path / "m.pth"), "--minutes", "0.01"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "sparse set's seeds 800-1049" in run.stderr
