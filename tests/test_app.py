@@ -313,6 +313,41 @@ def test_plane_of_many_channels_opens_in_2d_with_a_hint_about_z(qtbot, tmp_path,
         in caplog.text
 
 
+def test_reopen_with_other_axes_reads_the_channels_as_z(qtbot, tmp_path):
+    """File > Reopen with other axes: the dialog shows the axes in use; Z = the channel axis
+    reads the 64 'channels' as a 64-plane stack, which is then segmented in 3D."""
+    stack = np.random.default_rng(0).integers(0, 1000, (64, 32, 32)).astype(np.uint16)
+    path = tmp_path / "channels.tif"
+    tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "CYX"})
+    backend = FakeBackend()
+    w = make_window(qtbot, tmp_path, backend)
+    assert not w.act_axes.isEnabled()  # nothing open yet
+    w.open_paths([path])
+    wait_done(qtbot, w)
+    assert w.act_axes.isEnabled()
+    w.act_axes.trigger()
+    qtbot.waitUntil(lambda: w.axes_dialog is not None and w.axes_dialog.isVisible(), timeout=5_000)
+    dlg = w.axes_dialog
+    assert dlg.shape == (64, 32, 32)
+    assert dlg.axes() == (None, 0)  # as read: no Z, channels on axis 0
+    dlg.z_axis.setValue(0)
+    dlg.channel_axis.setValue(-1)
+    dlg.accept()
+    qtbot.waitUntil(lambda: w.state.image is not None and w.state.image.shape[0] == 64,
+                    timeout=10_000)
+    wait_done(qtbot, w)
+    assert w.state.image.shape == (64, 1, 32, 32)
+    np.testing.assert_array_equal(w.state.image[:, 0], stack)
+    assert backend.calls[-1]["do_3D"] is True
+    assert w.file_axes == (0, None)
+    # asked again, the dialog now shows the axes the file was last read with
+    w.act_axes.trigger()
+    qtbot.waitUntil(lambda: w.axes_dialog is not None and w.axes_dialog.isVisible(), timeout=5_000)
+    assert w.axes_dialog.axes() == (0, None)
+    w.axes_dialog.reject()
+    assert w.state.image.shape == (64, 1, 32, 32)  # cancel keeps the open image
+
+
 def test_click_select_delete_undo_redo_merge(qtbot, tmp_path):
     img, gt = blobs_volume()
     path = write_tiff(tmp_path / "edit.tif", img)

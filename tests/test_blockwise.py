@@ -415,3 +415,15 @@ def test_chosen_blocks_read_fewer_voxels_than_cubes_of_256():
     chosen, cubes = voxels_read(bs), voxels_read((256, 256, 256))
     assert chosen / np.prod(shape) < 1.35 and cubes / np.prod(shape) > 1.5, (bs, chosen, cubes)
     assert all(b % c == 0 and 16 <= c <= 64 for b, c in zip(bs, blockwise.output_chunks(bs, shape)))
+
+
+def test_a_single_plane_of_many_channels_is_refused_with_a_hint_about_z(tmp_path):
+    """A stack saved as 64 channels reads as one plane: the refusal says they may be Z planes."""
+    stack = np.random.default_rng(0).integers(0, 1000, (64, 32, 32)).astype(np.uint16)
+    path = tmp_path / "channels.tif"
+    tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "CYX"})
+    with pytest.raises(blockwise.InputError) as err:
+        blockwise.segment_blockwise(path, tmp_path / "out.zarr")
+    msg = str(err.value)
+    assert "channels.tif" in msg and "single plane" in msg
+    assert "its 64 channels may be Z planes" in msg and "--z_axis" in msg

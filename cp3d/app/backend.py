@@ -30,6 +30,18 @@ class Backend:
 
         return many_channels_hint(volume)
 
+    def stored_layout(self, path, z_axis=None, channel_axis=None):
+        """(shape as stored, (z_axis, channel_axis) it is read with) from the file's header;
+        for a file whose axes cannot be told, the core's suggestion."""
+        from cp3d.core.blockwise import open_lazy
+        from cp3d.core.io import AmbiguousAxesError
+
+        try:
+            lazy = open_lazy(path, z_axis=z_axis, channel_axis=channel_axis)
+        except AmbiguousAxesError as e:
+            return e.shape, tuple(e.suggested or (None, None))
+        return tuple(lazy.stored_shape), (lazy.z_axis, lazy.channel_axis)
+
     def ambiguous_axes_error(self) -> type[BaseException]:
         """The exception class read_volume raises when it needs the user to name the axes."""
         try:

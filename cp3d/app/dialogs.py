@@ -18,16 +18,19 @@ class AxesDialog(QDialog):
     -1 means "none" (no Z: a 2D image; no channel axis: one channel).
     """
 
-    def __init__(self, path, shape: tuple[int, ...], suggested=(None, None), parent=None):
+    def __init__(self, path, shape: tuple[int, ...], suggested=(None, None), parent=None,
+                 reopen: bool = False):
         super().__init__(parent)
         self.setWindowTitle("Which axes are Z and channel?")
         self.shape = tuple(int(s) for s in shape)
         n = len(self.shape)
         dims = "  ".join(f"axis {i}: {s}" for i, s in enumerate(self.shape))
+        why = ("it is read with the axes below" if reopen
+               else "its metadata does not say which axis is which")
         text = QLabel(
-            f"<b>{path}</b><br>The array is shaped {self.shape} and its metadata does not say "
-            f"which axis is which.<br>{dims}<br><br>Pick the Z (depth) axis and the channel "
-            f"axis; the two largest remaining axes are Y and X. Any other axis must have length 1."
+            f"<b>{path}</b><br>The array is shaped {self.shape} and {why}.<br>{dims}<br><br>"
+            f"Pick the Z (depth) axis and the channel axis; the two largest remaining axes are "
+            f"Y and X. Any other axis must have length 1."
         )
         text.setWordWrap(True)
         self.z_axis = QSpinBox(minimum=-1, maximum=n - 1)

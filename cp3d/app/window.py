@@ -99,6 +99,7 @@ class MainWindow(QMainWindow):
         self.restored_seg: dict | None = None  # NAME_seg.npy contents restored on open
         self.last_saved: list[Path] = []
         self.axes_dialog: AxesDialog | None = None
+        self.file_axes: tuple = (None, None)  # z_axis, channel_axis the open file was read with
         self.error_box: QMessageBox | None = None
         self.errors: list[str] = []  # every error shown, for tests and the log
         self._clims: dict[int, tuple[float, float]] = {}
@@ -293,6 +294,9 @@ class MainWindow(QMainWindow):
     def _build_actions(self) -> None:
         self.act_open = self._action("&Open...", self.open_dialog, QKeySequence.Open,
                                      "Open one or more TIFF images")
+        self.act_axes = self._action(
+            "Reopen with other &axes...", self.reopen_with_axes,
+            tip="Open the current file again, saying which axis is Z and which is channel")
         self.act_save = self._action("&Save masks", self.save, QKeySequence.Save,
                                      "Write NAME_seg.npy and NAME_cp_masks.tif next to the image")
         self.act_next = self._action("Open &next queued file", self.open_next, "Ctrl+N")
@@ -319,6 +323,7 @@ class MainWindow(QMainWindow):
         m.addAction(self.act_open)
         self.recent_menu = m.addMenu("Open &recent")
         m.addAction(self.act_next)
+        m.addAction(self.act_axes)
         m.addSeparator()
         m.addAction(self.act_save)
         m.addSeparator()
@@ -464,7 +469,8 @@ class MainWindow(QMainWindow):
         blockwise = self.seg_panel.blockwise.isChecked()
         self.loader = call_in_thread(
             lambda: self._read(path, z_axis, channel_axis, blockwise),
-            on_result=lambda r: self._loaded(path, r, time.perf_counter() - t0),
+            on_result=lambda r: self._loaded(path, r, time.perf_counter() - t0,
+                                             (z_axis, channel_axis)),
             on_error=lambda e: self._load_failed(path, e),
             on_finished=self._loader_finished,
         )
@@ -544,8 +550,9 @@ class MainWindow(QMainWindow):
         self.show_error(self._message(e, f"{path}: cannot open: "))
         QTimer.singleShot(0, self._after_file_done)
 
-    def _loaded(self, path: Path, r, seconds: float) -> None:
+    def _loaded(self, path: Path, r, seconds: float, axes=(None, None)) -> None:
         volume, masks, seg_dict, note = r
+        self.file_axes = axes
         if note:
             (log.info if masks is not None else log.warning)(note)
         try:
@@ -564,7 +571,8 @@ class MainWindow(QMainWindow):
                  " lazily (blockwise)" if is_lazy(volume) else "")
         hint = "" if is_lazy(volume) else self.backend.axes_hint(volume)
         if hint:  # a stack saved as channels: say so before the user waits for 2D masks
-            msg = f"{path.name}: a single plane, segmented in 2D{hint}"
+            msg = (f"{path.name}: a single plane, segmented in 2D{hint}, "
+                   "or File > Reopen with other axes")
             log.warning(msg)
             self.statusBar().showMessage(msg, 20000)
         self._add_recent(path)
@@ -576,11 +584,25 @@ class MainWindow(QMainWindow):
                 log.info("existing segmentation restored: not re-running (press Run to redo)")
             QTimer.singleShot(0, self._after_file_done)
 
-    def _ask_axes(self, path: Path, err) -> None:
-        shape = getattr(err, "shape", None) or ()
-        suggested = getattr(err, "suggested", None) or (None, None)
-        log.info("%s", err)
-        dlg = AxesDialog(path, shape, suggested, self)
+    def reopen_with_axes(self) -> None:
+        """Ask which axes are Z and channel, pre-filled with those in use, and read the file
+        again with them: for a stack its metadata calls channels (or the reverse)."""
+        path = self.state.path
+        if path is None or self.is_busy or not self.confirm_discard():
+            return
+        try:
+            shape, axes = self.backend.stored_layout(path, *self.file_axes)
+        except Exception as e:
+            self.show_error(self._message(e, f"{path}: cannot reopen: "))
+            return
+        self._ask_axes(path, None, shape, axes, reopen=True)
+
+    def _ask_axes(self, path: Path, err, shape=None, suggested=None, reopen=False) -> None:
+        if err is not None:
+            shape = getattr(err, "shape", None) or ()
+            suggested = getattr(err, "suggested", None) or (None, None)
+            log.info("%s", err)
+        dlg = AxesDialog(path, shape, suggested, self, reopen=reopen)
         self.axes_dialog = dlg
 
         def accepted():
@@ -590,8 +612,9 @@ class MainWindow(QMainWindow):
 
         def rejected():
             self.axes_dialog = None
-            log.info("%s: not opened (axes not given)", path)
-            self._after_file_done()
+            if not reopen:
+                log.info("%s: not opened (axes not given)", path)
+                self._after_file_done()
 
         dlg.accepted.connect(accepted)
         dlg.rejected.connect(rejected)
@@ -1193,6 +1216,7 @@ class MainWindow(QMainWindow):
         self.act_cancel.setEnabled(running)
         self.act_save.setEnabled(editable and not running)
         self.act_next.setEnabled(bool(self.queue) and not running)
+        self.act_axes.setEnabled(st.path is not None and not running)
         for a, b, ok in (
             (self.act_undo, self.undo_button, st.undo.can_undo),
             (self.act_redo, self.redo_button, st.undo.can_redo),

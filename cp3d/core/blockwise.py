@@ -788,7 +788,7 @@ def segment_blockwise(
     folder, whose finished blocks a rerun resumes from.
     Other parameters are :func:`cp3d.core.pipeline.segment`'s (2.5D mode only).
     """
-    from .io import check_writable
+    from .io import check_writable, many_channels_hint
     from .pipeline import _load
 
     t0 = time.perf_counter()
@@ -803,7 +803,8 @@ def segment_blockwise(
     path = src.path
     shape = src.shape_zyx
     if shape[0] == 1:
-        raise InputError("2D image (a single plane) given to 3D segmentation", path)
+        raise InputError("2D image (a single plane) given to 3D segmentation"
+                         + many_channels_hint(src), path)
     if anisotropy is None:
         anisotropy = src.anisotropy or 1.0
     if not anisotropy > 0:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .cancel import CancelToken, ProgressFn, check_cancel, report
 from .errors import InputError, TooLargeError
-from .io import Volume, volume_from_array
+from .io import Volume, many_channels_hint, volume_from_array
 
 log = logging.getLogger("cp3d")
 
@@ -79,18 +79,6 @@ def _load(model, use_gpu: bool):
     if hasattr(model, "net"):  # a loaded Model (or anything shaped like one)
         return model
     return load_model(model, device=pick_device(use_gpu))
-
-
-def many_channels_hint(vol: Volume) -> str:
-    """For a single plane with more channels than a stain has: a hint that they may be Z planes
-    (a stack saved as channels, as ImageJ does when asked), else ''."""
-    from .io import MAX_CHANNELS
-
-    n = vol.data.shape[1]
-    if not vol.is_2d or n <= MAX_CHANNELS:
-        return ""
-    return (f"; its {n} channels may be Z planes: if so, give the channel axis as z_axis "
-            "(--z_axis)")
 
 
 def segment(
