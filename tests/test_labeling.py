@@ -23,7 +23,7 @@ from PySide6.QtWidgets import QApplication  # noqa: E402
 from cp3d.app import crops  # noqa: E402
 from cp3d.app.backend import Backend  # noqa: E402
 from cp3d.app.labeling import LabelingWindow  # noqa: E402
-from cp3d.app.train_dialog import TrainDialog, split_crops  # noqa: E402
+from cp3d.app.train_dialog import TrainDialog, TrainWorker, split_crops  # noqa: E402
 
 pytestmark = pytest.mark.gui
 
@@ -369,3 +369,29 @@ def test_train_selects_model_and_screenshots(qtbot, tmp_path, sample, models_dir
     w.close()
     host.state.dirty = False
     host.close()
+
+
+def test_validation_ap_leaves_out_slivers_cut_by_the_crop_edge(tmp_path):
+    """A held-out crop with two cells and a 3-pixel sliver at its edge: a model finding both
+    cells but not the sliver scores 1.0, not 2/3; a false mask still costs."""
+    from types import SimpleNamespace
+
+    gt = np.zeros((1, 40, 40), np.uint16)
+    gt[0, 5:17, 5:17] = 1
+    gt[0, 20:32, 20:32] = 2
+    gt[0, 0, 37:40] = 3  # the sliver
+    found = np.where(gt == 3, 0, gt)
+
+    class Fake(Backend):
+        pred = found
+
+        def segment(self, volume, model, cancel=None, **params):
+            return SimpleNamespace(masks=self.pred)
+
+    backend = Fake()
+    worker = TrainWorker(backend, [], [], None, tmp_path / "m.pth", {})
+    pair = SimpleNamespace(image=np.ones((1, 1, 40, 40), np.float32), masks=gt, source="c.tif")
+    assert worker._ap(None, [pair], {}) == 1.0
+    backend.pred = found.copy()
+    backend.pred[0, 34:39, 2:7] = 4  # a mask where there is no cell
+    assert worker._ap(None, [pair], {}) == pytest.approx(2 / 3)
