@@ -545,7 +545,10 @@ class MainWindow(QMainWindow):
 
     def _load_failed(self, path: Path, e: BaseException) -> None:
         if isinstance(e, self.backend.ambiguous_axes_error()):
-            QTimer.singleShot(0, lambda: self._ask_axes(path, e))
+            log.info("%s", e)
+            shape = getattr(e, "shape", None) or ()
+            suggested = getattr(e, "suggested", None) or (None, None)
+            QTimer.singleShot(0, lambda: self._ask_axes(path, shape, suggested))
             return
         self.show_error(self._message(e, f"{path}: cannot open: "))
         QTimer.singleShot(0, self._after_file_done)
@@ -595,13 +598,11 @@ class MainWindow(QMainWindow):
         except Exception as e:
             self.show_error(self._message(e, f"{path}: cannot reopen: "))
             return
-        self._ask_axes(path, None, shape, axes, reopen=True)
+        self._ask_axes(path, shape, axes, reopen=True)
 
-    def _ask_axes(self, path: Path, err, shape=None, suggested=None, reopen=False) -> None:
-        if err is not None:
-            shape = getattr(err, "shape", None) or ()
-            suggested = getattr(err, "suggested", None) or (None, None)
-            log.info("%s", err)
+    def _ask_axes(self, path: Path, shape, suggested, reopen: bool = False) -> None:
+        """The axes dialog; OK reads ``path`` with the chosen axes. Cancel on a file being
+        opened moves on to the next one; on a reopen it keeps the image shown."""
         dlg = AxesDialog(path, shape, suggested, self, reopen=reopen)
         self.axes_dialog = dlg
 
