@@ -311,6 +311,7 @@ def test_plane_of_many_channels_opens_in_2d_with_a_hint_about_z(qtbot, tmp_path,
     assert w.state.is_2d and w.state.n_channels == 64
     assert "channels.tif: a single plane, segmented in 2D; its 64 channels may be Z planes" \
         in caplog.text
+    assert "File > Reopen with other axes" in caplog.text and "--z_axis" not in caplog.text
 
 
 def test_reopen_with_other_axes_reads_the_channels_as_z(qtbot, tmp_path):

@@ -26,9 +26,10 @@ class Backend:
 
     def axes_hint(self, volume) -> str:
         """'; its N channels may be Z planes...' for a plane with many channels, else ''."""
-        from cp3d.core.pipeline import many_channels_hint
+        from cp3d.core.io import many_channels_hint
 
-        return many_channels_hint(volume)
+        return many_channels_hint(volume, "use File > Reopen with other axes and make the "
+                                          "channel axis the Z axis")
 
     def stored_layout(self, path, z_axis=None, channel_axis=None):
         """(shape as stored, (z_axis, channel_axis) it is read with) from the file's header;

@@ -574,8 +574,7 @@ class MainWindow(QMainWindow):
                  " lazily (blockwise)" if is_lazy(volume) else "")
         hint = "" if is_lazy(volume) else self.backend.axes_hint(volume)
         if hint:  # a stack saved as channels: say so before the user waits for 2D masks
-            msg = (f"{path.name}: a single plane, segmented in 2D{hint}, "
-                   "or File > Reopen with other axes")
+            msg = f"{path.name}: a single plane, segmented in 2D{hint}"
             log.warning(msg)
             self.statusBar().showMessage(msg, 20000)
         self._add_recent(path)

@@ -78,15 +78,17 @@ class Volume:
         return self.path.name if self.path is not None else "<array>"
 
 
-def many_channels_hint(vol) -> str:
+CLI_AXES_FIX = "give the channel axis as z_axis (--z_axis)"
+
+
+def many_channels_hint(vol, fix: str = CLI_AXES_FIX) -> str:
     """For a single plane with more channels than a stain has: a hint that they may be Z planes
-    (a stack saved as channels, as ImageJ does when asked), else ''. ``vol``: a :class:`Volume`
-    or a lazily opened one (anything with ``shape_zyx`` and ``nchan``)."""
+    (a stack saved as channels, as ImageJ does when asked) and ``fix``, what to do then; else
+    ''. ``vol``: a :class:`Volume` or a lazily opened one (``shape_zyx`` and ``nchan``)."""
     n = vol.nchan
     if vol.shape_zyx[0] != 1 or n <= MAX_CHANNELS:
         return ""
-    return (f"; its {n} channels may be Z planes: if so, give the channel axis as z_axis "
-            "(--z_axis)")
+    return f"; its {n} channels may be Z planes: if so, {fix}"
 
 
 # --------------------------------------------------------------------------- reading
