@@ -142,3 +142,16 @@ def test_training_refuses_a_set_reaching_evaluation_seeds_before_drawing_any(loa
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "sparse set's seeds 800-1049" in run.stderr
     assert not (tmp_path / "m.pth").exists()
+
+
+def test_calibration_takes_the_smallest_shift_within_noise_of_the_best(load_script):
+    """scripts/calibrate_cellprob.py: of the thresholds within TIE of the best mean AP, the one
+    nearest 0 wins, so a plateau of equal scores does not push the model further than needed."""
+    cal = load_script("calibrate_cellprob")
+    grid = (0.5, 0.0, -0.5, -1.0, -1.5)
+    plateau = np.array([[0.80, 0.81, 0.836, 0.839, 0.840]] * 3)
+    assert cal.best_threshold(plateau, grid) == -0.5  # 0.836 is within 0.005 of 0.840
+    peak = np.array([[0.80, 0.81, 0.82, 0.86, 0.83]] * 3)
+    assert cal.best_threshold(peak, grid) == -1.0
+    flat = np.full((2, len(grid)), 0.9)
+    assert cal.best_threshold(flat, grid) == 0.0
