@@ -13,8 +13,11 @@ Cellpose state dict.
 
 The shift is chosen on validation volumes (seeds 900.., never trained on, and not the
 evaluation seeds >= 1000 of bench/quality.py): each runs through the full 3D pipeline with
-its true diameter. Then every threshold of the grid is applied to the same flows, and the one
-with the best mean AP@0.5 wins; on a tie the one nearest 0.
+its true diameter. Then every threshold of the grid is applied to the same flows; of those
+whose mean AP@0.5 is within ``TIE`` of the best, the one nearest 0 wins.
+
+A gain here is not a reason to ship: lower thresholds grow every mask, so check AP@0.75 and the
+real volumes with bench/quality.py first (the model card's recalibration section).
 """
 
 from __future__ import annotations
