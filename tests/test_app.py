@@ -563,12 +563,13 @@ def test_settings_panel_params_match_core_segment(qtbot, tmp_path):
     p = w.seg_panel
     p.mode.setCurrentIndex(1)
     p.stitch_threshold.setValue(0.4)
-    p.cellprob_threshold.setValue(-1.5)
+    p.cellprob_threshold.setValue(-0.75)  # the model card's value for dim nuclei
     p.augment.setChecked(True)
     params = p.params()
     accepted = set(inspect.signature(segment).parameters)
     assert set(params) <= accepted, set(params) - accepted
     assert params["do_3D"] is False and params["stitch_threshold"] == 0.4
+    assert params["cellprob_threshold"] == -0.75
     assert params["augment"] is True and "augment" in p.augment.toolTip()
     # diameter 0 shown as "auto": segment() estimates it; niter "auto" = core default
     assert params["diameter"] == 0.0 and p.diameter.text() == "auto" and params["niter"] is None
@@ -579,7 +580,7 @@ def test_settings_panel_params_match_core_segment(qtbot, tmp_path):
     w.close()
     w2 = make_window(qtbot, tmp_path)
     assert w2.seg_panel.mode.currentIndex() == 1
-    assert w2.seg_panel.cellprob_threshold.value() == -1.5
+    assert w2.seg_panel.cellprob_threshold.value() == -0.75
     assert w2.seg_panel.augment.isChecked()
 
 
@@ -774,3 +775,13 @@ def test_background_task_result_arrives_with_its_end(qtbot):
     relay.finished()
     qtbot.waitUntil(lambda: "timer" in events, timeout=5_000)
     assert events == [("result", 42), "finished", "timer"]
+
+
+def test_empty_window_gives_the_xy_view_room_for_its_welcome_text(qtbot, tmp_path):
+    """Before any file is open the views share the grid evenly: the 3D canvas's size hint
+    must not squeeze the XY view, which shows how to start."""
+    w = make_window(qtbot, tmp_path, enable_3d=True)
+    qtbot.wait(50)
+    assert w.view3d is not None, w.view3d_error
+    assert w.xy.width() >= 0.4 * (w.xy.width() + w.w3d.width())
+    assert w.xy.height() >= 0.4 * (w.xy.height() + w.xz.height())

@@ -34,7 +34,8 @@ SEG_DEFAULTS = {
                       "of the 3D flows before the dynamics; 0 = off. Helps noisy volumes."),
     "min_size": (15, "min_size: masks with fewer voxels are removed (-1 keeps all)."),
     "cellprob_threshold": (0.0, "cellprob_threshold: voxels with cell probability (logit) "
-                           "above this are cell. Lower it (e.g. -2) to get more/larger cells."),
+                           "above this are cell. Lower it (e.g. -0.75) to find dim cells; "
+                           "every mask grows a little."),
     "niter": (0, "niter: number of gradient-dynamics iterations. 0 = auto (200, more when "
               "cells are larger than the model's training size). More helps long cells."),
     "chan": (0, "chan: channel to segment. 0 = grayscale (first channel), 1..N = that channel."),
@@ -78,8 +79,8 @@ class SegmentationPanel(QGroupBox):
                                                singleStep=0.05)
         self.flow3D_smooth = QDoubleSpinBox(decimals=1, minimum=0.0, maximum=20.0, singleStep=0.5)
         self.min_size = QSpinBox(minimum=-1, maximum=10_000_000)
-        self.cellprob_threshold = QDoubleSpinBox(decimals=1, minimum=-8.0, maximum=8.0,
-                                                 singleStep=0.5)
+        self.cellprob_threshold = QDoubleSpinBox(decimals=2, minimum=-8.0, maximum=8.0,
+                                                 singleStep=0.25)
         self.niter = QSpinBox(minimum=0, maximum=10_000)
         self.niter.setSpecialValueText("auto")
         self.chan = QSpinBox(minimum=0, maximum=16)

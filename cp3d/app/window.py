@@ -1006,6 +1006,7 @@ class MainWindow(QMainWindow):
     def _show_empty(self) -> None:
         for v in self.views.values():
             v.set_image(None)
+        self._set_grid_stretch()
         self.z_slider.setEnabled(False)
         self.z_label.setText("")
 
@@ -1054,8 +1055,12 @@ class MainWindow(QMainWindow):
         self._set_grid_stretch()
 
     def _set_grid_stretch(self) -> None:
-        """Size the orthoviews by physical extent so X and Y line up with the XY view."""
+        """Size the orthoviews by physical extent so X and Y line up with the XY view; with no
+        image, evenly (else the 3D canvas's size hint squeezes the XY view's welcome text)."""
         if self.state.shape is None:
+            for i in (0, 1):
+                self.grid.setColumnStretch(i, 1)
+                self.grid.setRowStretch(i, 1)
             return
         if self.layout_mode != "all" or self.state.is_2d:
             for i in (0, 1):
