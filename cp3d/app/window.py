@@ -1055,14 +1055,10 @@ class MainWindow(QMainWindow):
         self._set_grid_stretch()
 
     def _set_grid_stretch(self) -> None:
-        """Size the orthoviews by physical extent so X and Y line up with the XY view; with no
-        image, evenly (else the 3D canvas's size hint squeezes the XY view's welcome text)."""
-        if self.state.shape is None:
-            for i in (0, 1):
-                self.grid.setColumnStretch(i, 1)
-                self.grid.setRowStretch(i, 1)
-            return
-        if self.layout_mode != "all" or self.state.is_2d:
+        """Size the orthoviews by physical extent so X and Y line up with the XY view. With no
+        image, or fewer views shown, the shown ones share the grid evenly (with no stretch at
+        all, the 3D canvas's size hint squeezes the XY view's welcome text)."""
+        if self.state.shape is None or self.layout_mode != "all" or self.state.is_2d:
             for i in (0, 1):
                 self.grid.setColumnStretch(
                     i, 1 if self._grid_cell_visible(0, i) or self._grid_cell_visible(1, i) else 0)
